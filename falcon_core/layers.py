@@ -104,7 +104,8 @@ class RotaryEmbedding(nn.Module):
         self.scaling = scaling
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
-        self.build_table()
+        if self.cos.device.type != "meta":  # under `with torch.device("meta")` the caller builds it later
+            self.build_table()
 
     def build_table(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         """(Re)compute the tables on `device` in `dtype` (after construction on the meta device, say)."""
