@@ -97,7 +97,7 @@ class DraftPlan:
         for p in range(2, num_passes + 1):
             blocks = [i for i in range(n_nodes) if depth[i] == (p - 1) * k and has_children[i]]
             start = scratch
-            token_nodes, feature_rows, offsets = [], [], []
+            token_nodes, offsets = [], []
             for b, a in enumerate(blocks):
                 block_start[a] = start + b * k
                 path = [a]
