@@ -77,7 +77,7 @@ ALIASES: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": _smollm2_gguf
 def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:
     """Return a local HF folder for `spec`, converting a GGUF once into `cache_dir` (default `$FALCON_HOME`)."""
     spec = os.fspath(spec)
-    cache_dir = Path(cache_dir) if cache_dir is not None else falcon_home()
+    cache_dir = (Path(cache_dir) if cache_dir is not None else falcon_home()).absolute()
     tried: list[str] = []
 
     # 1. alias
