@@ -169,6 +169,8 @@ def convert_gguf_cached(gguf: Path, cache_dir: Path) -> Path:
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared
+        if dest.is_dir() and missing_files(dest):
+            shutil.rmtree(dest)  # not ours and not loadable (made by hand?): replace it
         try:
             tmp.rename(dest)
         except OSError:
