@@ -27,7 +27,22 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
 fi
 
 stamp="$venv/.falcon-setup-stamp"
-want="$(sha256sum pyproject.toml | cut -c1-16) $("$py" -c 'import sys; print(sys.version.split()[0])')"
+# What the install depends on: pyproject's build-system, project and setuptools tables (not its
+# ruff / pytest settings), and the Python version.
+want=$("$py" - <<'PY'
+import hashlib, json, sys
+try:
+    import tomllib
+    with open("pyproject.toml", "rb") as f:
+        doc = tomllib.load(f)
+    key = {"build": doc.get("build-system"), "project": doc.get("project"),
+           "setuptools": doc.get("tool", {}).get("setuptools")}
+    data = json.dumps(key, sort_keys=True).encode()
+except ModuleNotFoundError:  # Python 3.10: hash the whole file
+    data = open("pyproject.toml", "rb").read()
+print(hashlib.sha256(data).hexdigest()[:16], sys.version.split()[0])
+PY
+)
 installed_here() {  # the editable install points at this checkout
   (cd / && "$repo/$py" -c "import falcon_core, sys; sys.exit(not falcon_core.__file__.startswith('$repo/'))") \
     >/dev/null 2>&1
