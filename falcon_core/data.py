@@ -23,7 +23,6 @@ Local paths and any fsspec URL (`s3://bucket/key` through s3fs; endpoint and key
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +31,8 @@ from importlib import resources
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TextIO, TypedDict
+
+from falcon_core.home import package_dir
 
 Role = Literal["system", "user", "assistant"]
 Format = Literal["jsonl", "json", "parquet"]
@@ -119,16 +120,8 @@ class _Skip(Exception):
 # Packaged data sets
 
 
-def _package_dir(package: str) -> Path | None:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _packaged(package: str, relative: str) -> Path:
-    folder = _package_dir(package)
+    folder = package_dir(package)
     path = folder / relative if folder is not None else None
     if path is None or not path.is_file():
         dist = package.replace("_", "-")

