@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from itertools import pairwise
 
@@ -10,6 +11,8 @@ import pytest
 
 from falcon_core.data import (
     Conversation,
+    ReadStats,
+    _iter_json_array,
     read_gsm8k,
     read_mtbench,
     read_records,
@@ -73,7 +76,7 @@ def test_truncated_sharegpt_file_keeps_complete_records(tmp_path):
     assert stats.problems[0].startswith("record 2 at char")
 
 
-def test_json_array_cut_between_records_and_small_chunks(tmp_path):
+def test_json_array_cut_between_records(tmp_path):
     text = json.dumps([sharegpt_record(i, turns=4) for i in range(50)], indent=1)
     path = tmp_path / "cut.json"
     path.write_text(text[: text.index('{\n  "id": "r40"')])  # cut right before record 40
@@ -81,6 +84,15 @@ def test_json_array_cut_between_records_and_small_chunks(tmp_path):
     assert len(conversations) == 40
     assert dict(stats.skipped) == {"truncated tail": 1}
     assert "never closed" in stats.problems[0]
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 7, 64, 1 << 20])
+def test_streamed_array_matches_json_loads_for_any_chunk_size(chunk_chars):
+    records = [sharegpt_record(i, turns=1 + i % 5) for i in range(30)]
+    text = " \n" + json.dumps(records, indent=2) + "\n"
+    stats = ReadStats(source="memory")
+    decoded = [record for _, record in _iter_json_array(io.StringIO(text), stats, chunk_chars)]
+    assert decoded == records and stats.total_skipped == 0
 
 
 def test_malformed_record_inside_a_json_array_is_counted(tmp_path):
