@@ -43,6 +43,10 @@ class Tree:
     """Display / registry name."""
     depths: tuple[int, ...] = field(init=False, repr=False, compare=False)
     """1-based depth of each node (derived)."""
+    draw_index: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """Position of each node among its siblings in rank order (derived). With sampled candidates a
+    node's token is this draw (0-based) without replacement from its distribution, not draw `rank`:
+    verification needs a row's children to be its first m draws, also where ranks skip (`01:0,3-9`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parents", tuple(int(p) for p in self.parents))
@@ -67,6 +71,12 @@ class Tree:
                 )
             depths.append(d)
         object.__setattr__(self, "depths", tuple(depths))
+        draws = [0] * len(self.ranks)
+        taken: dict[int, int] = {}  # parent -> children numbered so far
+        for i in sorted(range(len(self.ranks)), key=lambda j: (self.parents[j], self.ranks[j])):
+            draws[i] = taken.get(self.parents[i], 0)
+            taken[self.parents[i]] = draws[i] + 1
+        object.__setattr__(self, "draw_index", tuple(draws))
 
     @property
     def num_nodes(self) -> int:

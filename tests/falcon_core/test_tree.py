@@ -85,6 +85,15 @@ def test_tree_validation(parents: tuple[int, ...], ranks: tuple[int, ...], match
         Tree(parents=parents, ranks=ranks)
 
 
+def test_draw_index() -> None:
+    t = Tree.from_spec("t", {1: "root:0,2-3", 2: "0:0,2 2:0"})
+    assert t.ranks == (0, 2, 3, 0, 2, 0)
+    assert t.draw_index == (0, 1, 2, 0, 1, 0)
+    assert get_tree("kmask2_8layer_tree").draw_index == get_tree("kmask2_8layer_tree").ranks
+    t3 = get_tree("kmask2_8layer_tree_3")
+    assert [r for r, d in zip(t3.ranks, t3.draw_index, strict=True) if r != d] == [3, 4, 5, 6, 7, 8, 9]
+
+
 def test_chain_and_registry() -> None:
     assert get_tree("chain-3") == Tree(parents=(-1, 0, 1), ranks=(0, 0, 0), name="chain-3")
     assert get_tree("chain-0").num_nodes == 0

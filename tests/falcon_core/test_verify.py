@@ -218,12 +218,13 @@ def _make_world(depth: int) -> World:
     return World(target=target, drafter=drafter)
 
 
-def _draft(tree: Tree, world: World, trials: int, sampled: bool, g: torch.Generator):
+def _draft(tree: Tree, world: World, trials: int, sampled: bool, g: torch.Generator, by_rank: bool = False):
     """SAR drafting for `trials` independent steps at once.
 
     Each (anchor, depth) block output gives one candidate list: a sequence of draws without replacement
     (Gumbel top-k) when sampled, the sorted list otherwise. Every parent under that output takes its
-    children from the same list: consecutive draws in rank order (sampled) or the listed ranks (top).
+    children from the same list: its first m draws in rank order (`Tree.draw_index`, sampled) or the
+    listed ranks (top). `by_rank` takes sampled draw number `rank` instead (wrong where ranks skip).
     Returns tokens (T, N), target_probs (T, 1+N, V), draft_probs (T, M, V), dist_of_row (1+N,).
     """
     n = tree.num_nodes
@@ -233,7 +234,6 @@ def _draft(tree: Tree, world: World, trials: int, sampled: bool, g: torch.Genera
     lists: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
     dists: list[torch.Tensor] = []
     dist_of_row = [-1] * (n + 1)
-    sibling_pos: dict[int, int] = {}
     for i in range(n):
         depth, parent_row = tree.depths[i], tree.parents[i] + 1
         key = (anchors[i], depth)
@@ -249,20 +249,21 @@ def _draft(tree: Tree, world: World, trials: int, sampled: bool, g: torch.Genera
             dists.append(dist)
         gid, order = lists[key]
         dist_of_row[parent_row] = gid
-        pos = sibling_pos.get(parent_row, 0)
-        sibling_pos[parent_row] = pos + 1
-        tokens[:, i] = order[:, pos if sampled else tree.ranks[i]]
+        pick = tree.draw_index[i] if sampled and not by_rank else tree.ranks[i]
+        tokens[:, i] = order[:, pick]
         codes[:, i + 1] = codes[:, parent_row] * VOCAB + tokens[:, i]
     row_depth = [0, *tree.depths]
     target_probs = torch.stack([world.target[row_depth[r]][codes[:, r]] for r in range(n + 1)], 1)
     return tokens, target_probs, torch.stack(dists, 1), torch.tensor(dist_of_row)
 
 
-def _emit(tree: Tree, world: World, sampled: bool, candidates: str, seed: int) -> torch.Tensor:
+def _emit(
+    tree: Tree, world: World, sampled: bool, candidates: str, seed: int, by_rank: bool = False
+) -> torch.Tensor:
     """(TRIALS, RECORD) first tokens emitted per step, topped up with plain target sampling."""
     g = torch.Generator().manual_seed(seed)
     buffers = TreeBuffers.from_tree(tree)
-    tokens, target_probs, draft_probs, dist_of_row = _draft(tree, world, TRIALS, sampled, g)
+    tokens, target_probs, draft_probs, dist_of_row = _draft(tree, world, TRIALS, sampled, g, by_rank)
     out = torch.full((TRIALS, RECORD), -1, dtype=torch.long)  # (T, RECORD)
     for t in range(TRIALS):
         res = verify_sampling(
@@ -347,6 +348,17 @@ def test_top_candidates_with_draft_as_given_fails() -> None:
     """Top-m candidates verified as if sampled from d: the reason `candidates="deterministic"` exists."""
     p = _p_value("sampled", sampled=False)
     assert p < 0.01, p
+
+
+SKIP_TREE = Tree.from_spec("skip", {1: "root:0,2-3", 2: "0:0,2 2:0", 3: "00:0-1"})
+
+
+@pytest.mark.parametrize("by_rank", [False, True], ids=["draw_index", "draw_equals_rank"])
+def test_rank_skipping_tree_needs_consecutive_draws(by_rank: bool) -> None:
+    """A tree whose ranks skip (as `01:0,3-9`): sampled children must be the first m draws."""
+    world = _make_world(SKIP_TREE.max_depth)
+    p = _chi_square_p(_emit(SKIP_TREE, world, True, "sampled", seed=7, by_rank=by_rank), world)
+    assert (p < 0.01) if by_rank else (p > 0.01), p
 
 
 def test_chi_square_p_is_a_probability() -> None:
