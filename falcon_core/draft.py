@@ -64,6 +64,9 @@ class DraftPlan:
     """(1+N,) long: distribution row of the children of [root] + nodes (-1: no children)."""
     node_parent: torch.Tensor
     """(N,) long: parent of each node (-1: the root)."""
+    node_sibling: torch.Tensor
+    """(N,) long: position of each node among its parent's children in rank order (the draw it takes
+    when children are sampled without replacement: listed ranks get consecutive draws, verify.py)."""
     pass_nodes: tuple[torch.Tensor, ...]
     """Per pass (1-based p at index p-1): (n_p,) long, the nodes whose tokens the pass decides."""
     tree_passes: tuple[TreePass, ...]
@@ -116,6 +119,10 @@ class DraftPlan:
             return j if a < 0 else k + block_start[a] + j
 
         node_row = [row_of(i) for i in range(n_nodes)]
+        sibling = [
+            sum(1 for j, q in enumerate(parents) if q == p and ranks[j] < ranks[i])
+            for i, p in enumerate(parents)
+        ]
         child_row = [-1] * (1 + n_nodes)
         for i, p in enumerate(parents):
             child_row[p + 1] = node_row[i]
@@ -157,6 +164,7 @@ class DraftPlan:
             node_rank=torch.tensor(ranks, dtype=torch.long, device=device),
             child_row=torch.tensor(child_row, dtype=torch.long, device=device),
             node_parent=torch.tensor(parents, dtype=torch.long, device=device),
+            node_sibling=torch.tensor(sibling, dtype=torch.long, device=device),
             pass_nodes=pass_nodes,
             tree_passes=tuple(tree_passes),
             num_rows=k + scratch,
@@ -266,7 +274,7 @@ class SARDrafter:
         probs = logits_to_probs(logits, params)  # (R, V)
         probs_rows.append(probs)
         # Siblings share a parent and a row; each parent draws its children without replacement
-        # (Gumbel-top-m), independently of every other parent.
+        # (Gumbel-top-m), independently of every other parent; the j-th child in rank order takes draw j.
         parents = self.plan.node_parent[nodes]  # (n_p,)
         uniq, parent_slot = torch.unique(parents, return_inverse=True)  # (U,), (n_p,)
         parent_rows = torch.zeros(uniq.shape[0], dtype=torch.long, device=nodes.device)  # (U,)
@@ -275,4 +283,4 @@ class SARDrafter:
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))  # (U, V)
         keys = probs[parent_rows].log() + gumbel  # (U, V)
         order = keys.topk(m, dim=-1).indices  # (U, m)
-        node_tokens[nodes] = order[parent_slot, ranks]
+        node_tokens[nodes] = order[parent_slot, self.plan.node_sibling[nodes]]

@@ -238,7 +238,7 @@ class Engine:
         tokens = torch.empty(rows + 1, dtype=torch.long, device=device)  # (rows+1,) t_0 .. t_n
         tokens[:P] = torch.tensor(ids, dtype=torch.long, device=device)
         features = target.embed.weight.new_empty(rows, target.config.hidden_size)  # (rows, H)
-        sar = SARDrafter(self.drafter, target, self.plan, rows) if speculative else None
+        sar = self._make_proposer(rows) if speculative else None
 
         t0 = time.perf_counter()
         pos = torch.arange(P, device=device)[None]  # (1, P)
@@ -269,6 +269,11 @@ class Engine:
             n += A
             stats.record_step(max_depth, A - 1, draft.passes, draft.seconds, time.perf_counter() - t1)
             yield new
+
+    def _make_proposer(self, rows: int) -> SARDrafter:
+        """The per-request drafting state (tests substitute oracle proposers here)."""
+        assert self.drafter is not None and self.plan is not None
+        return SARDrafter(self.drafter, self.target, self.plan, rows)
 
     def _verify_step(
         self,
