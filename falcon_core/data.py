@@ -453,3 +453,57 @@ def _string(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Skip("empty" if isinstance(value, str) else "bad field", what)
     return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt files (falcon generate --prompts, falcon bench --prompts)
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt: chat `messages` (turns so far, user last) or raw `prompt` text."""
+
+    id: str
+    messages: tuple[Message, ...] | None = None
+    prompt: str | None = None
+    turns: tuple[str, ...] = ()
+    """All user turns of an MT-Bench question (for --multi-turn)."""
+
+
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    """JSONL prompts, one object a line, in any of three shapes: MT-Bench (`turns`: user turns; the
+    first one becomes the prompt), `{"prompt": text}` (raw text, no chat template) or
+    `{"messages": [{role, content}, ...]}`. An optional `id` or `question_id` names the item.
+    A malformed line is an error naming the line (prompt sets are benchmarks: nothing is skipped)."""
+    stats = ReadStats(source=str(path))
+    items: list[PromptItem] = []
+    with _open_text(str(path), None) as f:
+        for where, record in _iter_jsonl(f, stats):
+            try:
+                items.append(_prompt_item(record, len(items)))
+            except _Skip as skip:
+                stats.skip(skip.reason, where, skip.detail)
+    if stats.total_skipped:
+        raise ValueError(f"malformed prompt file\n{stats.summary()}")
+    if not items:
+        raise ValueError(f"{path} holds no prompts")
+    return items
+
+
+def _prompt_item(record: Any, index: int) -> PromptItem:
+    if not isinstance(record, dict):
+        raise _Skip("not an object", f"got {type(record).__name__}")
+    pid = str(record.get("id", record.get("question_id", index)))
+    if "turns" in record:
+        turns = tuple(_string(t, "turn") for t in _field(record, "turns"))
+        if not turns:
+            raise _Skip("no turns", "`turns` is empty")
+        return PromptItem(pid, messages=(Message(role="user", content=turns[0]),), turns=turns)
+    if "messages" in record:
+        messages = tuple(_message(m) for m in _field(record, "messages"))
+        if not messages:
+            raise _Skip("no messages", "`messages` is empty")
+        return PromptItem(pid, messages=messages)
+    if "prompt" in record:
+        return PromptItem(pid, prompt=_string(record["prompt"], "prompt"))
+    raise _Skip("no prompt", "expected one of `turns`, `messages` or `prompt`")
