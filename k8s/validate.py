@@ -34,6 +34,7 @@ import math
 import re
 import shlex
 import sys
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +213,7 @@ def serve_rules(doc: dict[str, Any]) -> list[str]:
         load_config(raw)
     except Exception as err:  # Serve's pydantic errors, ServerConfig's ValueErrors, YAML errors
         return [f"spec.serveConfigV2 is not a valid Serve config for deploy/: {err}"]
-    problems = probe_rules(doc, raw)
+    problems = unknown_serve_keys(raw) + probe_rules(doc, raw)
     http = raw.get("http_options") or {}
     port = http.get("port", 8000)
     if http.get("host") != "0.0.0.0":
@@ -228,6 +229,45 @@ def serve_rules(doc: dict[str, Any]) -> list[str]:
             "rayClusterConfig.enableInTreeAutoscaling must be true (Serve autoscaling needs pods)"
         )
     return problems + capacity_rules(doc, replica_demands(raw))
+
+
+def _model_fields(cls: Any) -> dict[str, Any] | None:
+    """name -> annotation of a pydantic model class (v2, or v1 as Ray's compat layer may use); else None."""
+    if not isinstance(cls, type):
+        return None
+    fields = getattr(cls, "model_fields", None)  # pydantic v2
+    annotation = "annotation"
+    if not isinstance(fields, dict):
+        fields = getattr(cls, "__fields__", None)  # pydantic v1
+        annotation = "outer_type_"
+    if isinstance(fields, dict):
+        names = {name: getattr(f, annotation) for name, f in fields.items()}
+        return names | {f.alias: getattr(f, annotation) for f in fields.values() if getattr(f, "alias", None)}
+    return None
+
+
+def unknown_serve_keys(value: Any, annotation: Any = None, path: str = "serveConfigV2") -> list[str]:
+    """Keys Serve's config models do not define. Serve's pydantic schemas ignore unknown keys, so a
+    misspelt `route_prefx` or `num_replica` would be dropped without a word; here it is an error.
+    (`args` is left to `ServerConfig`, which refuses unknown keys itself.)"""
+    if annotation is None:
+        from ray.serve.schema import ServeDeploySchema
+
+        annotation = ServeDeploySchema
+    fields = _model_fields(annotation)
+    if fields is not None:
+        if not isinstance(value, dict):
+            return []
+        problems = [f"{path}: unknown key {k!r}" for k in value if k not in fields]
+        for key, sub in value.items():
+            if key in fields and key != "args":
+                problems += unknown_serve_keys(sub, fields[key], f"{path}.{key}")
+        return problems
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (list, tuple) and isinstance(value, list) and args:
+        return [p for i, item in enumerate(value) for p in unknown_serve_keys(item, args[0], f"{path}[{i}]")]
+    models = [a for a in args if _model_fields(a) is not None]
+    return unknown_serve_keys(value, models[0], path) if models and isinstance(value, dict) else []
 
 
 @dataclass(frozen=True)
