@@ -349,7 +349,11 @@ class FalconRouter:
     async def _start(self, model: ModelConfig, req: EngineRequest, arrived: float) -> GenerationRun:
         handle = self.engines[model.name].options(stream=True)
         run = GenerationRun(model.name, handle.stream.remote(req), arrived, self.metrics)
-        await run.start()
+        try:
+            await run.start()
+        except BaseException:  # refused, failed, or the client left while the request queued
+            run.gen.cancel()
+            raise
         return run
 
     def _error(self, err: OpenAIError) -> JSONResponse:

@@ -194,6 +194,31 @@ def test_completion_greedy_equals_engine_generate(served: Served) -> None:
     assert resp.object == "text_completion" and resp.model == "plain-test"
 
 
+def test_stop_strings_and_seeded_sampling(served: Served) -> None:
+    client = served.client()
+    resp = client.completions.create(
+        model="plain-test", prompt=PROMPT, max_tokens=12, temperature=0, stop=["."]
+    )
+    ref = served.engine_bf16.generate(prompt=PROMPT, max_new_tokens=12, stop=["."])
+    assert resp.choices[0].text == ref.text and "." not in ref.text
+    assert resp.choices[0].finish_reason == "stop" == ref.finish_reason
+    sampled = [
+        client.completions.create(
+            model="plain-test",
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=1.0,
+            top_p=0.9,
+            seed=11,
+            extra_body={"top_k": 20},
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+
+
 def test_chat_speculative_greedy_equals_plain_engine(served: Served) -> None:
     """fp32: speculative greedy over HTTP == plain greedy in-process, token for token (lossless)."""
     client = served.client()
