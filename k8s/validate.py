@@ -409,7 +409,7 @@ def entrypoint_config(entrypoint: str) -> Any:
     if not script.is_file():
         raise FileNotFoundError(f"{argv[1]} does not exist in the repository")
     flags = argv[2:]
-    script_parser(script).parse_args(_absolute_config(flags))  # the script's own view of its flags
+    check_script_flags(script, _absolute_config(flags))
     from pipelines import config as distill_config
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -437,27 +437,17 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], known: bool = False
         raise ValueError(lines[-1] if lines else f"the parser exited ({exit_.code})") from None
 
 
-class _ScriptParser:
-    """The argument parser a script builds (`build_parser()`), used only to accept or refuse flags."""
-
-    def __init__(self, parser: argparse.ArgumentParser, script: Path) -> None:
-        self.parser, self.script = parser, script
-
-    def parse_args(self, argv: list[str]) -> Any:
-        try:
-            return _parse(self.parser, argv)[0]
-        except ValueError as err:
-            raise ValueError(f"{self.script.relative_to(REPO)} refuses {argv}: {err}") from err
-
-
-def script_parser(script: Path) -> _ScriptParser:
-    """The script's parser, from its module's `build_parser()` (the module named by its path)."""
-    module_name = ".".join(script.relative_to(REPO).with_suffix("").parts)
-    module = importlib.import_module(module_name)
-    build = getattr(module, "build_parser", None)
+def check_script_flags(script: Path, flags: list[str]) -> None:
+    """Raise ValueError unless the script's own parser (its module's `build_parser()`) accepts `flags`."""
+    rel = script.relative_to(REPO)
+    module_name = ".".join(rel.with_suffix("").parts)
+    build = getattr(importlib.import_module(module_name), "build_parser", None)
     if build is None:
         raise ValueError(f"{module_name} has no build_parser() to check the entrypoint's flags against")
-    return _ScriptParser(build(), script)
+    try:
+        _parse(build(), flags)
+    except ValueError as err:
+        raise ValueError(f"{rel} refuses {' '.join(flags)!r}: {err}") from err
 
 
 def train_rules(doc: dict[str, Any], config: Any) -> list[str]:
