@@ -31,12 +31,15 @@ import contextlib
 import importlib
 import io
 import math
+import os
 import re
 import shlex
+import subprocess
 import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -438,16 +441,62 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], known: bool = False
 
 
 def check_script_flags(script: Path, flags: list[str]) -> None:
-    """Raise ValueError unless the script's own parser (its module's `build_parser()`) accepts `flags`."""
+    """Raise ValueError unless the script's own parser accepts `flags`: its module's `build_parser()`
+    when it has one, else the options its `--help` lists (with their `{choices}`)."""
     rel = script.relative_to(REPO)
     module_name = ".".join(rel.with_suffix("").parts)
     build = getattr(importlib.import_module(module_name), "build_parser", None)
-    if build is None:
-        raise ValueError(f"{module_name} has no build_parser() to check the entrypoint's flags against")
     try:
-        _parse(build(), flags)
+        if build is not None:
+            _parse(build(), flags)
+        else:
+            _check_against_help(help_options(script), flags)
     except ValueError as err:
         raise ValueError(f"{rel} refuses {' '.join(flags)!r}: {err}") from err
+
+
+@cache
+def help_options(script: Path) -> dict[str, tuple[str, ...] | None]:
+    """Option -> its choices (`()` for any value, None for a flag without value), from `--help`."""
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250", "NO_COLOR": "1"},
+    )
+    if result.returncode != 0:
+        raise ValueError(f"--help failed: {result.stderr.strip()[-500:]}")
+    options: dict[str, tuple[str, ...] | None] = {}
+    for line in result.stdout.splitlines():
+        m = re.match(r"^ {2}(-.*?)(?: {2,}|$)", line)
+        for part in m.group(1).split(", ") if m else ():
+            name, _, meta = part.partition(" ")
+            choices = re.fullmatch(r"\{(.*)\}", meta)
+            options[name] = tuple(choices.group(1).split(",")) if choices else (() if meta else None)
+    return options
+
+
+def _check_against_help(options: dict[str, tuple[str, ...] | None], flags: list[str]) -> None:
+    i = 0
+    while i < len(flags):
+        name, eq, value = flags[i].partition("=")
+        if name not in options:
+            raise ValueError(f"unrecognized arguments: {flags[i]}")
+        choices = options[name]
+        if choices is None:
+            if eq:
+                raise ValueError(f"argument {name}: ignored explicit argument {value!r}")
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(flags):
+                raise ValueError(f"argument {name}: expected one argument")
+            value, i = flags[i + 1], i + 1
+        if choices and value not in choices:
+            raise ValueError(f"argument {name}: invalid choice: {value!r} (choose from {', '.join(choices)})")
+        i += 1
 
 
 def train_rules(doc: dict[str, Any], config: Any) -> list[str]:
@@ -464,6 +513,15 @@ def train_rules(doc: dict[str, Any], config: Any) -> list[str]:
         problems.append(f"the worker groups hold {gpus:g} GPUs but ray.use_gpu is false")
     if ray.use_gpu and gpus and ray.num_workers < gpus:
         problems.append(f"ray.num_workers {ray.num_workers} leaves GPUs of the {gpus:g} idle")
+    data = config.data
+    if gpus and data.cache_actors > gpus:  # a caching actor takes a whole GPU when the cluster has GPUs
+        problems.append(
+            f"data.cache_actors {data.cache_actors} (one GPU each) > the worker groups' {gpus:g} GPUs"
+        )
+    if not any(g.limit("cpu") >= data.cache_cpus_per_actor for g in workers):
+        problems.append(
+            f"data.cache_cpus_per_actor {data.cache_cpus_per_actor:g} exceeds every worker pod's CPUs"
+        )
     if not any(g.limit("cpu") >= ray.cpus_per_worker for g in workers):
         problems.append(f"ray.cpus_per_worker {ray.cpus_per_worker:g} exceeds every worker pod's CPUs")
     for field_name, value in (

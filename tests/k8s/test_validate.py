@@ -52,6 +52,7 @@ def test_every_target_passes_every_check(validate):
     assert report == {target: [] for target in report}
 
 
+@pytest.mark.slow  # two validator processes, each importing Ray Serve: ~10 s of CPU, longer on a busy machine
 def test_the_command_line_fails_on_a_broken_copy(tmp_path):
     """`python k8s/validate.py` exits 0 on the repository and 1 on a copy with one misspelt field."""
     ok = subprocess.run(
@@ -281,6 +282,8 @@ def test_a_wrong_entrypoint_fails(validate, resource, entrypoint, expect):
         ("--ray.num_workers 1", "leaves GPUs of the 2 idle"),
         ("--ray.use_gpu false", "hold 2 GPUs but ray.use_gpu is false"),
         ("--ray.cpus_per_worker 16", "ray.cpus_per_worker 16 exceeds"),
+        ("--data.cache_actors 4", "data.cache_actors 4 (one GPU each) > the worker groups' 2 GPUs"),
+        ("--data.cache_cpus_per_actor 9", "data.cache_cpus_per_actor 9 exceeds"),
         ("--ray.storage_path /tmp/results", "ray.storage_path '/tmp/results' must be an s3:// URL"),
         ("--output.dir null", "output.dir None must be an s3:// URL"),
     ],
@@ -306,3 +309,19 @@ def test_the_job_cluster_is_shut_down_with_a_ttl(validate, resource):
     doc = resource("RayJob")
     del doc["spec"]["ttlSecondsAfterFinished"]
     assert _has(_problems(validate, doc), "shutdownAfterJobFinishes: true and a ttlSecondsAfterFinished")
+
+
+def test_flags_are_checked_by_the_scripts_own_parser(validate):
+    """Both routes, on real scripts: a module's build_parser() (cache_hidden_states.py has one) and the
+    options a script's --help lists (distill.py builds its parser inside main())."""
+    cache = REPO / "pipelines" / "cache_hidden_states.py"
+    validate.check_script_flags(cache, ["--input", "sharegpt", "--output", "s3://b/c", "--dtype", "bf16"])
+    with pytest.raises(ValueError, match="invalid choice: 'bf17'"):
+        validate.check_script_flags(cache, ["--input", "sharegpt", "--output", "s3://b/c", "--dtype", "bf17"])
+    with pytest.raises(ValueError, match="the following arguments are required: --input"):
+        validate.check_script_flags(cache, ["--output", "s3://b/c"])
+    options = validate.help_options(REPO / "pipelines" / "distill.py")
+    assert options["--profile"] == ("tiny", "cpu", "gpu")
+    assert options["--no-csgd"] is None and options["--train.lr"] == ()
+    with pytest.raises(ValueError, match="expected one argument"):
+        validate.check_script_flags(REPO / "pipelines" / "distill.py", ["--profile"])
