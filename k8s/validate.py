@@ -213,8 +213,10 @@ def serve_rules(doc: dict[str, Any]) -> list[str]:
 
     try:
         raw = yaml.safe_load(doc["spec"].get("serveConfigV2") or "")
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a YAML mapping, got {type(raw).__name__}")
         load_config(raw)
-    except Exception as err:  # Serve's pydantic errors, ServerConfig's ValueErrors, YAML errors
+    except (ValueError, TypeError, yaml.YAMLError) as err:  # pydantic's errors are ValueErrors
         return [f"spec.serveConfigV2 is not a valid Serve config for deploy/: {err}"]
     problems = unknown_serve_keys(raw) + probe_rules(doc, raw)
     http = raw.get("http_options") or {}

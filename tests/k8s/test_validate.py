@@ -325,3 +325,10 @@ def test_flags_are_checked_by_the_scripts_own_parser(validate):
     assert options["--no-csgd"] is None and options["--train.lr"] == ()
     with pytest.raises(ValueError, match="expected one argument"):
         validate.check_script_flags(REPO / "pipelines" / "distill.py", ["--profile"])
+
+
+@pytest.mark.parametrize("text", ["just a string", "applications: [", "applications: 3", "{}", ""])
+def test_serve_config_text_that_is_no_serve_config_fails(validate, resource, text):
+    doc = resource("RayService")
+    doc["spec"]["serveConfigV2"] = text
+    assert _has(_problems(validate, doc), "spec.serveConfigV2 is not a valid Serve config")
