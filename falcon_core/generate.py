@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,9 +223,18 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(
-        self, ids: list[int], max_new: int, params: SamplingParams, speculative: bool, stats: GenerationStats
+        self,
+        ids: list[int],
+        max_new: int,
+        params: SamplingParams,
+        speculative: bool,
+        stats: GenerationStats,
+        on_plain_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[list[int]]:
-        """Yield the tokens of each target forward: the prefill's first token, then one list per step."""
+        """Yield the tokens of each target forward: the prefill's first token, then one list per step.
+
+        `on_plain_logits`, if given, sees the (V,) logits each plain step chooses from (lossless.py
+        uses it to measure near-ties)."""
         device, target = self.device, self.target
         gen = None
         if not params.greedy:
@@ -247,6 +256,8 @@ class Engine:
         cache.length = P
         features[:P] = out.hidden[0]  # (P, H)
         n = P
+        if on_plain_logits is not None:
+            on_plain_logits(out.logits[0, -1])
         tokens[n] = self._choose(out.logits[0, -1], params, gen)
         stats.prefill_seconds = time.perf_counter() - t0
         yield [int(tokens[n])]
@@ -261,6 +272,8 @@ class Engine:
                 cache.length = n + 1
                 features[n] = out.hidden[0, 0]
                 n += 1
+                if on_plain_logits is not None:
+                    on_plain_logits(out.logits[0, 0])
                 tokens[n] = self._choose(out.logits[0, 0], params, gen)
                 stats.record_plain_step(time.perf_counter() - t1)
                 yield [int(tokens[n])]
