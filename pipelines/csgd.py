@@ -34,6 +34,7 @@ All randomness (offsets, noise, choices, sampled labels) comes from the caller's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,12 @@ class Batch:
                 tk_lp[b, :n] = r.topk_logprobs[:n].float()
         return cls(ids, hidden, mask, torch.tensor(lens), tk_ids, tk_lp)
 
+    def to(self, device: torch.device | str) -> Batch:
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device, non_blocking=True)
+
+        return Batch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class TokenHead:
@@ -127,19 +134,22 @@ class TokenHead:
         return F.linear(x, self.weight)
 
 
-def frequent_tokens(
-    records: Sequence[CachedRecord], n: int, vocab_size: int, always: Sequence[int] = ()
-) -> torch.Tensor:
-    """The n token ids most frequent among loss-masked tokens of `records` (ties: lower id first), plus
-    `always` (e.g. EOS). Ids never seen fill the tail in id order, so the result always has n ids."""
+def token_counts(records: Sequence[CachedRecord], vocab_size: int) -> torch.Tensor:
+    """(V,) long: occurrences of each token among the loss-masked tokens of `records`."""
     counts = torch.zeros(vocab_size, dtype=torch.long)  # (V,)
     for r in records:
         counts += torch.bincount(r.input_ids[r.loss_mask.bool()].long(), minlength=vocab_size)
+    return counts
+
+
+def frequent_tokens(counts: torch.Tensor, n: int, always: Sequence[int] = ()) -> torch.Tensor:
+    """The ids of the n largest `counts (V,)` (ties: lower id first), `always` included (e.g. EOS), sorted.
+    Ids never seen fill the tail in id order, so the result always has min(n, V) ids."""
+    counts = counts.clone()
     must = torch.tensor(sorted(set(always)), dtype=torch.long)
     counts[must] = counts.max() + 1
-    n = min(n, vocab_size)
     order = torch.sort(-counts, stable=True).indices  # (V,) most frequent first
-    return order[:n].sort().values  # (n,)
+    return order[: min(n, counts.numel())].sort().values  # (n,)
 
 
 # ---------------------------------------------------------------------------------------------------

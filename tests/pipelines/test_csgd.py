@@ -23,6 +23,7 @@ from pipelines.csgd import (
     frequent_tokens,
     glance_lambda,
     target_distribution,
+    token_counts,
 )
 from pipelines.hidden_cache import CachedRecord
 
@@ -301,7 +302,7 @@ def test_cached_topk_with_the_whole_vocabulary_equals_the_dense_target():
 def test_vocabulary_subset_restricts_and_renormalises_the_target():
     embed, lm_head = head_and_embed()
     recs = records([16, 12], topk=8, seed=4)
-    ids = frequent_tokens(recs, 10, V, always=[V - 1])
+    ids = frequent_tokens(token_counts(recs, V), 10, always=[V - 1])
     assert ids.numel() == 10 and (V - 1) in ids.tolist()
     head = TokenHead.build(lm_head, ids)
     assert head.size == 10 and torch.equal(head.weight, lm_head[ids])
