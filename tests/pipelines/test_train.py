@@ -1,0 +1,282 @@
+"""Ray Train loop: record split and data order, lr schedule, DeepSpeed ZeRO-2 on CPU (gloo), and a run
+killed after a checkpoint then resumed ending with the same weights as an uninterrupted run.
+
+The slow tests train the real SmolLM2 drafter shape on a small cache made here from real target
+hidden states (20 short ShareGPT conversations), written directly in the cache format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.train import RecordSplit, epoch_batches, lr_factor
+
+REPO = Path(__file__).resolve().parents[2]
+RECORDS, MAX_SEQ_LEN, TOPK = 20, 192, 16
+
+
+def test_record_split_is_contiguous_per_rank_with_the_tail_held_out():
+    s = RecordSplit.build(23, 3, 2)
+    assert s.heldout == range(20, 23)
+    assert s.ranges == (range(0, 10), range(10, 20))
+    assert s.steps_per_epoch(4) == 2
+    s3 = RecordSplit.build(23, 3, 3)
+    assert [len(r) for r in s3.ranges] == [6, 7, 7] and s3.steps_per_epoch(3) == 2
+    with pytest.raises(ValueError, match="fewer than the 4 workers"):
+        RecordSplit.build(5, 2, 4)
+    with pytest.raises(ValueError, match="lower the batch size"):
+        RecordSplit.build(10, 0, 2).steps_per_epoch(6)
+
+
+def test_epoch_batches_are_a_deterministic_function_of_the_seed():
+    lengths = [5, 50, 7, 30, 12, 44, 9, 21, 18, 3, 60]
+    a = epoch_batches(lengths, 2, 5, 2, seed=11)
+    assert a == epoch_batches(lengths, 2, 5, 2, seed=11)
+    assert a != epoch_batches(lengths, 2, 5, 2, seed=12)
+    flat = [i for b in a for i in b]
+    assert len(a) == 5 and all(len(b) == 2 for b in a) and len(set(flat)) == 10
+    # bucketing: inside a chunk of 2 batches, records are sorted by length (longest first)
+    for b in a:
+        assert lengths[b[0]] >= lengths[b[1]]
+
+
+def test_lr_factor_warmup_then_decay():
+    f = [lr_factor(s, 4, 20, "cosine", 0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in itertools.pairwise(f))
+    lin = [lr_factor(s, 0, 10, "linear", 0.0) for s in range(11)]
+    assert lin[0] == 1.0 and lin[10] == pytest.approx(0.0) and lin[5] == pytest.approx(0.5)
+    assert lr_factor(100, 5, 20, "constant", 0.1) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# A small real cache
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, smollm2_path, smollm2_tokenizer) -> str:
+    """RECORDS short ShareGPT conversations with the target's hidden states and top-TOPK, in 2 shards."""
+    from falcon_core import chat
+    from falcon_core.checkpoint import TargetIdentity
+    from falcon_core.data import read_sharegpt
+    from falcon_core.target import load_target
+    from pipelines.hidden_cache import (
+        CachedRecord,
+        CacheMetadata,
+        Manifest,
+        ShardData,
+        ShardEntry,
+        chat_template_hash,
+        shard_name,
+        write_shard,
+    )
+
+    url = str(tmp_path_factory.mktemp("cache") / "small")
+    target = load_target(smollm2_path, dtype="fp32")
+    records = []
+    torch.set_num_threads(1)
+    for conv in read_sharegpt(max_records=200).conversations:
+        try:
+            r = chat.render(smollm2_tokenizer, conv.as_dicts())
+        except ValueError:
+            continue
+        ids, mask = r.input_ids[:MAX_SEQ_LEN], r.loss_mask[:MAX_SEQ_LEN]
+        if sum(mask) < 8 or len(ids) < 32:
+            continue
+        x = torch.tensor(ids)[None]
+        with torch.no_grad():
+            out = target(x, torch.arange(len(ids))[None])
+        top = out.logits[0].float().log_softmax(-1).topk(TOPK, -1)
+        records.append(
+            CachedRecord(
+                input_ids=x[0].int(),
+                loss_mask=torch.tensor(mask, dtype=torch.uint8),
+                hidden=out.hidden[0].bfloat16(),
+                topk_ids=top.indices.int(),
+                topk_logprobs=top.values.half(),
+            )
+        )
+        if len(records) == RECORDS:
+            break
+    identity = TargetIdentity.of("smollm2-135m-instruct", target.config, smollm2_tokenizer)
+    meta = CacheMetadata(identity, chat_template_hash(smollm2_tokenizer), MAX_SEQ_LEN, "bf16", topk=TOPK)
+    entries, first = [], 0
+    for i, part in enumerate((records[:12], records[12:])):
+        shard = ShardData.from_records(part)
+        w = write_shard(url, shard_name(i), shard)
+        entries.append(ShardEntry(w.path, shard.num_records, shard.num_tokens, w.sha256, w.bytes,
+                                  first, first + len(part), "00" * 32))  # fmt: skip
+        first += len(part)
+    summary = {
+        "complete": True,
+        "records_read": RECORDS,
+        "records_cached": RECORDS,
+        "tokens": sum(e.tokens for e in entries),
+    }
+    Manifest(meta, tuple(entries), summary).save(url)
+    return url
+
+
+def small_config(cache: str, tmp: Path, name: str, **overrides) -> list[str]:
+    """Command-line options of a short run on the small cache (the cache stage finds it complete)."""
+    opts = {
+        "name": name,
+        "data.cache_url": cache,
+        "data.max_records": RECORDS,
+        "data.max_seq_len": MAX_SEQ_LEN,
+        "data.topk": TOPK,
+        "objective.vocab_subset": 2048,
+        "train.epochs": 2,
+        "train.batch_size": 2,
+        "train.max_len": MAX_SEQ_LEN,
+        "train.warmup_steps": 2,
+        "train.lr": 1e-3,
+        "train.log_every": 1,
+        "train.threads_per_worker": 1,
+        "ray.num_workers": 2,
+        "ray.local_num_cpus": 2,
+        "ray.storage_path": str(tmp / "ray_results"),
+        "eval.heldout_records": 2,
+        "eval.tau_prompts": 0,
+        "eval.acceptance_ranks": 2,
+        "eval.threads": 1,
+        "output.dir": str(tmp / "drafters" / name),
+    }
+    opts.update(overrides)
+    argv = []
+    for key, value in opts.items():
+        argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return argv
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_distill(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), *argv]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (by pid: the driver's local Ray included)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(small_cache, tmp_path):
+    # 18 training records / 2 workers / batch 2 = 4 steps per epoch, 8 in all; checkpoints every 2
+    common = {"train.checkpoint_every": 2}
+    done = run_distill(small_config(small_cache, tmp_path, "straight", **common))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "not rebuilt" in done.stdout
+
+    argv = small_config(small_cache, tmp_path, "killed", **common)
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "distill.py"), *argv], cwd=REPO,
+                            env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    run_dir = tmp_path / "ray_results" / "killed"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done_ckpts = [p for p in run_dir.glob("checkpoint_step*") if (p / "progress.json").is_file()]
+            if done_ckpts:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert done_ckpts, "no checkpoint within the deadline"
+    finally:
+        _kill_tree(proc)
+        log.close()
+    steps = sorted(
+        json.loads((p / "progress.json").read_text())["step"] for p in run_dir.glob("checkpoint_step*")
+    )
+    assert steps and steps[-1] < 8, f"killed too late: checkpoints at steps {steps}"
+    assert not (tmp_path / "drafters" / "killed").exists()
+
+    resumed = run_distill(argv)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed at step {steps[-1]}" in resumed.stdout + resumed.stderr
+    a, b = _weights(tmp_path / "drafters" / "straight"), _weights(tmp_path / "drafters" / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    card = json.loads((tmp_path / "drafters" / "killed" / "config.json").read_text())["card"]
+    assert card["training"]["steps"] == 8 and len(card["heldout_top1"]) == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(small_cache, tmp_path):
+    import ray
+
+    from falcon_core.checkpoint import TargetIdentity, load_drafter
+    from falcon_core.resolve import resolve_model
+    from falcon_core.target import TargetConfig
+    from pipelines.config import parse_config
+    from pipelines.train import DEEPSPEED_DIR, DRAFTER_DIR, TrainJob, run_training
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    opts = {
+        "train.deepspeed": True,
+        "train.grad_clip_mode": "norm",
+        "train.grad_clip": 1.0,
+        "train.max_steps": 3,
+    }
+    cfg = parse_config(small_config(small_cache, tmp_path, "ds", **opts))
+    folder = resolve_model(cfg.target.model)
+    from transformers import AutoTokenizer
+
+    identity = TargetIdentity.of(
+        cfg.target.model, TargetConfig.from_file(folder), AutoTokenizer.from_pretrained(folder)
+    )
+    job = TrainJob(cfg.to_dict(), str(folder), small_cache, dataclasses.asdict(identity))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        first = run_training(job, str(tmp_path / "ray_results"))
+        ckpt = Path(first.checkpoint.path)
+        files = sorted(p.name for p in (ckpt / DEEPSPEED_DIR / "state").iterdir())
+        assert any("zero_pp_rank_0" in f for f in files) and any("zero_pp_rank_1" in f for f in files), files
+        assert json.loads((ckpt / "progress.json").read_text())["step"] == 3
+        assert first.metrics["step"] == 3
+        w3 = load_drafter(ckpt / DRAFTER_DIR).drafter.state_dict()
+        # the same run asked for 2 more steps resumes from the DeepSpeed checkpoint at step 3
+        cfg5 = cfg.replace({"train.max_steps": 5})
+        second = run_training(dataclasses.replace(job, config=cfg5.to_dict()), str(tmp_path / "ray_results"))
+        assert second.metrics["step"] == 5
+        w5 = load_drafter(Path(second.checkpoint.path) / DRAFTER_DIR).drafter.state_dict()
+        assert any(not torch.equal(w3[k], w5[k]) for k in w3)
+    finally:
+        ray.shutdown()
