@@ -119,8 +119,6 @@ def measure_acceptance(
     acceptance = [
         [h / e if e else 0.0 for h in hits] for hits, e in zip(engine.hits, engine.events, strict=True)
     ]
-    while acceptance and not any(acceptance[-1]):
-        acceptance.pop()
     return AcceptanceTable(acceptance, engine.events, engine.hits, steps, tokens)
 
 

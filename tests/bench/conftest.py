@@ -64,6 +64,12 @@ def save_random_drafter(folder: Path, out: Path, k: int, seed: int = 0, dtype: s
 
 
 @pytest.fixture(scope="session")
+def make_drafter():
+    """`save_random_drafter(folder, out, k, seed=0, dtype="fp32") -> out`."""
+    return save_random_drafter
+
+
+@pytest.fixture(scope="session")
 def drafter_dirs(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("drafters")
     return {

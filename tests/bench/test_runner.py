@@ -52,7 +52,10 @@ def test_results_structure(results):
     env = results["environment"]
     assert len(env["load_average_start"]) == 3 and isinstance(env["timings_meaningful"], bool)
     assert env["dtype"] == "float32"
-    assert results["methods"]["absent"] == {"status": "skipped", "reason": "no drafter checkpoint at /nowhere"}
+    assert results["methods"]["absent"] == {
+        "status": "skipped",
+        "reason": "no drafter checkpoint at /nowhere",
+    }
     assert results["methods"]["falcon"]["k"] == 2 and results["methods"]["eagle"]["k"] == 1
     assert results["methods"]["falcon"]["tree"] == "chain-3"
     assert results["methods"]["hf"]["cache"] in ("dynamic", "static")  # chosen at warm-up
@@ -113,9 +116,29 @@ def test_equality_accounting(models):
     assert early.plain_token == plain[5] and early.other_gap is not None and early.other_gap >= 0
     summary = summarize(
         [
-            {"results": {"m": {"tokens": 4, "seconds": 1.0, "equal": {"exact": True, "near_tie": None, "ok": True}}}},
-            {"results": {"m": {"tokens": 4, "seconds": 1.0, "equal": {"exact": False, "near_tie": True, "ok": True}}}},
-            {"results": {"m": {"tokens": 4, "seconds": 1.0, "equal": {"exact": False, "near_tie": False, "ok": False}}}},
+            {
+                "results": {
+                    "m": {"tokens": 4, "seconds": 1.0, "equal": {"exact": True, "near_tie": None, "ok": True}}
+                }
+            },
+            {
+                "results": {
+                    "m": {
+                        "tokens": 4,
+                        "seconds": 1.0,
+                        "equal": {"exact": False, "near_tie": True, "ok": True},
+                    }
+                }
+            },
+            {
+                "results": {
+                    "m": {
+                        "tokens": 4,
+                        "seconds": 1.0,
+                        "equal": {"exact": False, "near_tie": False, "ok": False},
+                    }
+                }
+            },
         ],
         [type("M", (), {"name": "m", "plain": True, "tree_nodes": 0})()],
     )
@@ -157,7 +180,13 @@ def test_report_files(results, tmp_path):
         "best": {"nodes": 4, "tokens_per_second": 14.0},
     }
     paths = write_report(results, tmp_path, fit)
-    assert [p.name for p in paths] == ["bench.json", "bench.md", "speedup.png", "acceptance.png", "tokens_per_tree.png"]
+    assert [p.name for p in paths] == [
+        "bench.json",
+        "bench.md",
+        "speedup.png",
+        "acceptance.png",
+        "tokens_per_tree.png",
+    ]
     for p in paths[2:]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     assert json.loads(paths[0].read_text())["order"] == results["order"]
