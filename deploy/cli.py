@@ -11,6 +11,7 @@ and Ray down.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import signal
@@ -45,6 +46,18 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
         if app.import_path == "deploy.router:build_app":
             ServerConfig.from_dict(app.args or {})
     return schema
+
+
+def with_drafter(raw: dict[str, Any], drafter: str) -> dict[str, Any]:
+    """A copy of a Serve config dict whose Falcon applications serve every model with `drafter`
+    (a checkpoint folder, or "none"): how `falcon serve --drafter` puts a freshly distilled drafter
+    behind the shipped config without editing it."""
+    out = copy.deepcopy(raw)
+    for app in out.get("applications") or []:
+        if app.get("import_path") == "deploy.router:build_app":
+            for model in (app.get("args") or {}).get("models") or []:
+                model["drafter"] = None if drafter == "none" else str(Path(drafter).resolve())
+    return out
 
 
 def import_builder(import_path: str) -> Any:
@@ -102,9 +115,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--address", default=None, help="an existing Ray cluster (default: start a local one on 127.0.0.1)"
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument(
+        "--drafter", default=None, help="serve every model with this drafter checkpoint folder (or 'none')"
+    )
     args = parser.parse_args(argv)
     try:
-        schema = load_config(args.config)
+        if not args.config.is_file():
+            raise FileNotFoundError(f"serve config {args.config} does not exist")
+        raw = yaml.safe_load(args.config.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"serve config {args.config} is not a YAML mapping")
+        if args.drafter is not None:
+            if args.drafter != "none" and not (Path(args.drafter) / "model.safetensors").is_file():
+                raise FileNotFoundError(
+                    f"--drafter {args.drafter}: no drafter checkpoint (model.safetensors) there"
+                )
+            raw = with_drafter(raw, args.drafter)
+        schema = load_config(raw)
     except (FileNotFoundError, ValueError) as err:
         print(f"falcon serve: {err}", file=sys.stderr)
         return 2

@@ -84,3 +84,17 @@ def test_falcon_serve_runs_the_shipped_config(tmp_path: Path) -> None:
         log.close()
     assert rc == 0, Path(log.name).read_text()[-3000:]
     assert "running at http://127.0.0.1" in Path(log.name).read_text()
+
+
+def test_drafter_override_reaches_every_model_and_is_validated(tmp_path: Path) -> None:
+    from deploy.cli import load_config, main, with_drafter
+
+    raw = yaml.safe_load((PROJECT_ROOT / "deploy" / "serve_config.yaml").read_text())
+    ckpt = tmp_path / "drafter"
+    out = with_drafter(raw, str(ckpt))
+    models = out["applications"][0]["args"]["models"]
+    assert models and all(m["drafter"] == str(ckpt.resolve()) for m in models)
+    assert raw["applications"][0]["args"]["models"][0]["drafter"] != str(ckpt.resolve())  # a copy
+    assert all(m["drafter"] is None for m in with_drafter(out, "none")["applications"][0]["args"]["models"])
+    load_config(out)  # still a valid Serve config
+    assert main(["--drafter", str(tmp_path / "missing")]) == 2  # refused before Ray starts
