@@ -99,9 +99,21 @@ def matching_cache(cfg: Any, url: str, identity: Any, template_hash: str) -> Any
         and (m.regenerate is not None) == d.regenerate
         and (not d.regenerate or regen.get("max_new_tokens") == d.regenerate_max_new_tokens)
         and d.max_records is not None
-        and manifest.summary.get("records_read") == d.max_records
+        and parsed_records(manifest.summary) == d.max_records
     )
     return manifest if same else None
+
+
+def parsed_records(summary: dict[str, Any]) -> int | None:
+    """Input records the caching job numbered (what `max_records` limits): records read minus those
+    skipped while reading; skips at rendering (no assistant tokens, template errors) were numbered."""
+    from pipelines.stages import SKIP_NO_ASSISTANT, SKIP_TEMPLATE
+
+    read = summary.get("records_read")
+    if read is None:
+        return None
+    skipped = summary.get("skipped") or {}
+    return read - sum(n for reason, n in skipped.items() if reason not in (SKIP_NO_ASSISTANT, SKIP_TEMPLATE))
 
 
 def build_cache(cfg: Any, url: str, identity: Any, tokenizer: Any) -> dict[str, Any]:
