@@ -238,7 +238,10 @@ def test_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(small_cache
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(small_cache, tmp_path):
+def test_deepspeed_zero2_on_cpu_trains_checkpoints_to_s3_and_resumes(small_cache, tmp_path, s3_endpoint):
+    """Two gloo ranks under ZeRO-2 each write their optimizer shard into one checkpoint in S3 (moto);
+    a second fit of the same run restores both shards and continues."""
+    import boto3
     import ray
 
     from falcon_core.checkpoint import TargetIdentity, load_drafter
@@ -263,10 +266,12 @@ def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(small_cache, tmp_
         cfg.target.model, TargetConfig.from_file(folder), AutoTokenizer.from_pretrained(folder)
     )
     job = TrainJob(cfg.to_dict(), str(folder), small_cache, dataclasses.asdict(identity))
+    boto3.client("s3").create_bucket(Bucket="falcon-train")
+    storage = "s3://falcon-train/ray_results"
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
-        first = run_training(job, str(tmp_path / "ray_results"))
-        ckpt = Path(first.checkpoint.path)
+        first = run_training(job, storage)
+        ckpt = Path(first.checkpoint.to_directory(str(tmp_path / "ckpt3")))
         files = sorted(p.name for p in (ckpt / DEEPSPEED_DIR / "state").iterdir())
         assert any("zero_pp_rank_0" in f for f in files) and any("zero_pp_rank_1" in f for f in files), files
         assert json.loads((ckpt / "progress.json").read_text())["step"] == 3
@@ -274,9 +279,16 @@ def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(small_cache, tmp_
         w3 = load_drafter(ckpt / DRAFTER_DIR).drafter.state_dict()
         # the same run asked for 2 more steps resumes from the DeepSpeed checkpoint at step 3
         cfg5 = cfg.replace({"train.max_steps": 5})
-        second = run_training(dataclasses.replace(job, config=cfg5.to_dict()), str(tmp_path / "ray_results"))
+        second = run_training(dataclasses.replace(job, config=cfg5.to_dict()), storage)
         assert second.metrics["step"] == 5
-        w5 = load_drafter(Path(second.checkpoint.path) / DRAFTER_DIR).drafter.state_dict()
+        ckpt5 = Path(second.checkpoint.to_directory(str(tmp_path / "ckpt5")))
+        w5 = load_drafter(ckpt5 / DRAFTER_DIR).drafter.state_dict()
+        kept = boto3.client("s3").list_objects_v2(Bucket="falcon-train", Prefix="ray_results/ds/checkpoint_")
+        names = {o["Key"].split("/")[2] for o in kept.get("Contents", [])} - {
+            "checkpoint_manager_snapshot.json"
+        }
+        # steps 3 (max_steps), 4 (epoch end) and 5 were checkpointed; keep_checkpoints = 2 kept the last two
+        assert names == {"checkpoint_step0000004", "checkpoint_step0000005"}, names
         assert any(not torch.equal(w3[k], w5[k]) for k in w3)
     finally:
         ray.shutdown()
