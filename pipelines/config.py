@@ -190,7 +190,8 @@ class EvalSection:
     tau_each_epoch: bool = True
     """Decode the prompts at every epoch's validation (else only in the final evaluation)."""
     tree: str = "chain-4"
-    """Decoding tree for tau (a published name or chain-N)."""
+    """Decoding tree for tau: a published name, chain-N, or "auto" (fitted to the measured acceptance
+    table in the final evaluation; chain-4 at the per-epoch validations)."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     acceptance_ranks: int = 10
     """Ranks per depth of the per-depth, per-rank acceptance written to the model card (for --tree auto)."""

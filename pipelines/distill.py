@@ -58,9 +58,11 @@ def connect_ray(cfg: Any) -> bool:
 
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+        return False
+    if os.environ.get("RAY_ADDRESS"):  # e.g. inside `ray job submit`: Ray reads the address itself
+        ray.init()
         return False
     ray.init(
         address="local",
@@ -192,7 +194,9 @@ def final_evaluation(cfg: Any, folder: str, drafter: Any, cache_url: str, identi
         )
     del target
     if cfg.eval.tau_prompts > 0:
-        res = evaluate.TauEvaluator.load(folder, cfg).measure(drafter)
+        res = evaluate.TauEvaluator.load(folder, cfg).measure(
+            drafter, {"acceptance": metrics.get("acceptance")}
+        )
         metrics.update(
             tau=round(res.tau, 4),
             tau_no_bonus=round(res.tau_no_bonus, 4),

@@ -116,6 +116,23 @@ def heldout_agreement(
     return HeldoutResult(correct, total, acceptance, cond_sum.tolist() if ranks > 0 else [])
 
 
+def second_pass(drafter: Drafter, embed: torch.Tensor, a: Any, pred: torch.Tensor, K: int) -> torch.Tensor:
+    """The simulated second drafting pass, (B, T', H): copy q (q >= K, left-aligned blocks) reads
+    `(pred_{q-K}, t_{q+1})` at position q and sees the clean blocks before its own plus its copy block.
+    One forward over 2T' positions: the T' clean ones, then the T' copies. Rows q < K are unused."""
+    Tp = a.valid.shape[1]
+    feats2 = torch.cat((a.features[:, :K], pred[:, : Tp - K]), dim=1)  # (B, T', H)
+    block = torch.arange(Tp, device=pred.device) // K  # (T',)
+    tl = block[None, :] <= block[:, None]  # (T', T') block-causal
+    bl = block[None, :] < block[:, None]  # (T', T') strictly earlier blocks
+    br = block[None, :] == block[:, None]  # (T', T') own block
+    mask = torch.cat((torch.cat((tl, torch.zeros_like(tl)), 1), torch.cat((bl, br), 1)), 0)  # (2T', 2T')
+    emb = F.embedding(a.next_tokens, embed)  # (B, T', H)
+    out = drafter(torch.cat((emb, emb), 1), torch.cat((a.features, feats2), 1),
+                  torch.cat((a.positions, a.positions), 1), mask=mask)  # fmt: skip
+    return out[:, Tp:]  # (B, T', H)
+
+
 def _acceptance_counts(
     drafter: Drafter,
     embed: torch.Tensor,
@@ -129,17 +146,8 @@ def _acceptance_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hits (2K, R), conditioning counts (2K,)) of the blocks of one batch (left-aligned blocks)."""
     B, Tp = a.valid.shape
-    # second pass: copy q (q >= K) reads (pred_{q-K}, t_{q+1}) at position q, sees blocks < block(q) and its own
-    feats2 = torch.cat((a.features[:, :K], pred[:, : Tp - K]), dim=1)  # (B, T', H)
-    block = torch.arange(Tp, device=pred.device) // K  # (T',)
-    tl = block[None, :] <= block[:, None]  # (T', T') block-causal
-    bl = block[None, :] < block[:, None]  # (T', T') strictly earlier blocks
-    br = block[None, :] == block[:, None]  # (T', T') own block
-    mask = torch.cat((torch.cat((tl, torch.zeros_like(tl)), 1), torch.cat((bl, br), 1)), 0)  # (2T', 2T')
-    emb = F.embedding(a.next_tokens, embed)  # (B, T', H)
-    out = drafter(torch.cat((emb, emb), 1), torch.cat((a.features, feats2), 1),
-                  torch.cat((a.positions, a.positions), 1), mask=mask)  # fmt: skip
-    top2 = _topk_rows(out[:, Tp:], lm_head, R)  # (B, T', R)
+    out2 = second_pass(drafter, embed, a, pred, K)  # (B, T', H)
+    top2 = _topk_rows(out2, lm_head, R)  # (B, T', R)
     nb = Tp // K - 1  # blocks with a full second block after them
     if nb <= 0:
         return torch.zeros(2 * K, R, dtype=torch.long), torch.zeros(2 * K, dtype=torch.long)
@@ -206,17 +214,18 @@ class TauEvaluator:
         tokenizer = AutoTokenizer.from_pretrained(target_folder)
         return cls(target, tokenizer, load_prompts(e.prompts, e.tau_prompts), e.tau_max_new_tokens, e.tree)
 
-    def engine(self, drafter: Drafter | None) -> Any:
-        from falcon_core.generate import Engine
-        from falcon_core.tree import get_tree
+    def engine(self, drafter: Drafter | None, card: dict[str, Any] | None = None) -> Any:
+        """An engine over the loaded target; tree `self.tree` ("auto": fitted to `card["acceptance"]`)."""
+        from falcon_core.generate import Engine, select_tree
 
-        if drafter is not None:
-            dtype = self.target.embed.weight.dtype
-            drafter = copy.deepcopy(drafter).to(device=self.target.embed.weight.device, dtype=dtype).eval()
-        return Engine(self.target, self.tokenizer, drafter, tree=get_tree(self.tree) if drafter else None)
+        if drafter is None:
+            return Engine(self.target, self.tokenizer, None)
+        dtype = self.target.embed.weight.dtype
+        drafter = copy.deepcopy(drafter).to(device=self.target.embed.weight.device, dtype=dtype).eval()
+        return Engine(self.target, self.tokenizer, drafter, tree=select_tree(self.tree, card))
 
-    def measure(self, drafter: Drafter) -> TauResult:
-        engine = self.engine(drafter)
+    def measure(self, drafter: Drafter, card: dict[str, Any] | None = None) -> TauResult:
+        engine = self.engine(drafter, card)
         start = time.perf_counter()
         stats = [engine.generate(**p, max_new_tokens=self.max_new_tokens).stats for p in self.prompts]
         total = aggregate(stats)
