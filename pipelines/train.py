@@ -184,6 +184,17 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     worker.run()
 
 
+def _device(use_gpu: bool) -> torch.device:
+    """The worker's device: the GPU Ray Train assigned to it, or the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    from ray.train.torch import get_device
+
+    device = get_device()
+    torch.cuda.set_device(device)
+    return device
+
+
 class Worker:
     """One data-parallel rank: frozen target pieces, its records, the drafter and its optimizer."""
 
@@ -193,9 +204,7 @@ class Worker:
         t, o = cfg.train, cfg.objective
         threads = t.threads_per_worker or max(1, int(cfg.ray.cpus_per_worker))
         torch.set_num_threads(threads)
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if cfg.ray.use_gpu else torch.device("cpu")
-        )
+        self.device = _device(cfg.ray.use_gpu)
         self.K = cfg.drafter.block_size
         self.identity = TargetIdentity(**job.identity)
 
@@ -239,7 +248,8 @@ class Worker:
         if t.deepspeed:
             self.model = self._deepspeed()
         elif world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.drafter)
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.drafter, device_ids=ids)
         else:
             self.model = self.drafter
         self.step = 0
