@@ -16,8 +16,11 @@ Terms, on one record of T tokens `t_0..t_{T-1}` with target features `f_0..f_{T-
 - *Hamming count* d: valid positions where the drafter's argmax (clean no-grad pass) differs from the
   target token. *lambda*: "reference" goes linearly from 0.45 (first epoch) to 0.1 (last epoch);
   "paper" is `0.4 (E - e) / E`. N = floor(lambda d) positions are replaced, per record.
-- *Candidates*: valid positions that start a block (every K-th position); K > 2 draws N // K starts and
-  extends each into a run of 1..K-1 positions of its block (the reference code's rule).
+- *Candidates*: valid positions that start a block (every K-th position, aligned with the blocks so the
+  glance reaches the block's later positions; the reference code takes every K-th loss-masked position
+  with blocks fixed at 0). K > 2 draws N // K starts and extends each into a run of 1..K-1 positions of
+  its block (the reference code's rule). N larger than the candidates takes them all (the reference
+  code skipped such batches).
 - *Coupled replacement* at a chosen p: the input feature becomes `f_{p+K}` and the input token
   `t_{p+K+1}` (the target's ground truth for p), so the rest of p's block glances at the truth.
 - *Loss* (graded pass, every valid position):
