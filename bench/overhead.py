@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", default="chain-4")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     plain = Engine.from_pretrained(dtype=args.dtype)
     torch.manual_seed(0)
