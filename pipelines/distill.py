@@ -207,10 +207,32 @@ def final_evaluation(cfg: Any, folder: str, drafter: Any, cache_url: str, identi
     return metrics
 
 
-def output_dir_of(cfg: Any) -> Path:
+def output_dir_of(cfg: Any) -> str:
+    """The export destination: `output.dir` (a local folder or an `s3://` URL), else
+    `$FALCON_HOME/drafters/<name>`."""
     from falcon_core.home import falcon_home
 
-    return Path(cfg.output.dir) if cfg.output.dir else falcon_home() / "drafters" / cfg.name
+    return str(cfg.output.dir) if cfg.output.dir else str(falcon_home() / "drafters" / cfg.name)
+
+
+def export_drafter(dest: str, drafter: Any, config: Any, identity: Any, card: dict[str, Any]) -> str:
+    """Save the drafter checkpoint to `dest`. A local folder is written atomically by `save_drafter`;
+    for a remote URL (`s3://...`, through fsspec/s3fs) the checkpoint is written to a temp folder and
+    uploaded with `config.json` last, so a reader that finds `config.json` finds the weights too (a job's
+    pods, and their disks, are gone once a RayJob finishes)."""
+    import fsspec
+
+    from falcon_core.checkpoint import save_drafter
+
+    if "://" not in dest:
+        return str(save_drafter(Path(dest), drafter, config, identity, card))
+    fs, root = fsspec.core.url_to_fs(dest)
+    with tempfile.TemporaryDirectory(prefix="falcon-export-") as tmp:
+        local = save_drafter(Path(tmp) / "drafter", drafter, config, identity, card)
+        files = sorted(local.iterdir(), key=lambda f: f.name == "config.json")
+        for f in files:
+            fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +244,7 @@ def distill(cfg: Any) -> DistillResult:
     import ray
     from transformers import AutoTokenizer
 
-    from falcon_core.checkpoint import TargetIdentity, load_drafter, save_drafter
+    from falcon_core.checkpoint import TargetIdentity, load_drafter
     from falcon_core.home import falcon_home
     from falcon_core.resolve import resolve_model
     from falcon_core.target import TargetConfig
@@ -265,7 +287,7 @@ def distill(cfg: Any) -> DistillResult:
         **metrics,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = save_drafter(output_dir_of(cfg), drafter, ckpt.config, identity, card)
+    out = export_drafter(output_dir_of(cfg), drafter, ckpt.config, identity, card)
     return DistillResult(str(out), card, url, t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - start)
 
 

@@ -159,3 +159,36 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
             head.kill()
             head.wait(timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_export_to_s3_uploads_a_loadable_checkpoint(s3_endpoint, tmp_path):
+    """`output.dir: s3://...` (the RayJob's setting): the drafter lands in the bucket, config.json last."""
+    import boto3
+    import fsspec
+
+    from falcon_core.checkpoint import TargetIdentity, load_drafter
+    from falcon_core.drafter import Drafter, DrafterConfig
+    from pipelines.distill import export_drafter
+
+    boto3.client("s3").create_bucket(Bucket="drafters")
+    cfg = DrafterConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        vocab_size=64,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
+    )
+    ident = TargetIdentity(name="tiny", hidden_size=32, vocab_size=64, tokenizer_hash="0" * 64)
+    out = export_drafter("s3://drafters/run-1", Drafter(cfg), cfg, ident, {"tau": 1.0})
+    assert out == "s3://drafters/run-1"
+    fs = fsspec.filesystem("s3")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("drafters/run-1")) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    fs.get("drafters/run-1/", str(tmp_path / "back") + "/", recursive=True)
+    assert load_drafter(tmp_path / "back", expected_identity=ident).card == {"tau": 1.0}
