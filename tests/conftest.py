@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FALCON_HOME", str(REPO / ".falcon_home"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# One OpenMP thread per process (the test process, the subprocesses and Ray workers it starts): with
+# several torch processes on 2 cores, spinning OpenMP threads made forwards up to 10x slower (measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
