@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             summary = cache_hidden_states(config)
         if summary.tokens_written != raws[0]["tokens"]:
-            raise RuntimeError(f"the pipeline cached {summary.tokens_written} tokens, raw ran {raws[0]['tokens']}")
+            raise RuntimeError(
+                f"the pipeline cached {summary.tokens_written} tokens, raw ran {raws[0]['tokens']}"
+            )
         raws.append(raw_forward(*forward_args))
         print(f"raw forward: {raws[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
         raw = (raws[-2]["tokens_per_s"] + raws[-1]["tokens_per_s"]) / 2  # the raw runs either side
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     md = args.out_dir / "cache_throughput.md"
     if not md.exists():
-        md.write_text("| date | machine | data | raw forward | cached (hidden-state pipeline) | load avg |\n|---|---|---|---|---|---|\n")
+        md.write_text(
+            "| date | machine | data | raw forward | cached (hidden-state pipeline) | load avg |\n|---|---|---|---|---|---|\n"
+        )
     with md.open("a") as f:
         f.write(line)
     print(line, end="")

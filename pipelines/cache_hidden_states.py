@@ -102,16 +102,27 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.dtype not in CACHE_DTYPES:
             raise ValueError(f"dtype must be one of {list(CACHE_DTYPES)}, got {self.dtype!r}")
-        positive = ("max_seq_len", "shard_tokens", "num_actors", "batch_size", "batch_tokens", "render_actors")
+        positive = (
+            "max_seq_len",
+            "shard_tokens",
+            "num_actors",
+            "batch_size",
+            "batch_tokens",
+            "render_actors",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_records is not None and self.max_records <= 0:
             raise ValueError(f"max_records must be positive, got {self.max_records}")
         if self.topk < 0 or self.cpus_per_actor <= 0:
-            raise ValueError(f"topk must be >= 0 and cpus_per_actor > 0, got {self.topk}, {self.cpus_per_actor}")
+            raise ValueError(
+                f"topk must be >= 0 and cpus_per_actor > 0, got {self.topk}, {self.cpus_per_actor}"
+            )
         if self.batch_tokens < self.max_seq_len:
-            raise ValueError(f"batch_tokens ({self.batch_tokens}) must be >= max_seq_len ({self.max_seq_len})")
+            raise ValueError(
+                f"batch_tokens ({self.batch_tokens}) must be >= max_seq_len ({self.max_seq_len})"
+            )
 
 
 @dataclass(frozen=True)
@@ -271,11 +282,15 @@ def resolve_inputs(spec: str, storage_options: dict[str, Any] | None = None) -> 
     else:
         raise FileNotFoundError(f"--input {spec}: no such file or folder")
     if not found:
-        raise FileNotFoundError(f"--input {spec}: matches no input files ({', '.join(INPUT_SUFFIXES[:4])}, ...)")
+        raise FileNotFoundError(
+            f"--input {spec}: matches no input files ({', '.join(INPUT_SUFFIXES[:4])}, ...)"
+        )
     return sorted(p if is_local(fs) else fs.unstrip_protocol(p) for p in found)
 
 
-def check_output(url: str, metadata: CacheMetadata, storage_options: dict[str, Any] | None = None) -> Manifest | None:
+def check_output(
+    url: str, metadata: CacheMetadata, storage_options: dict[str, Any] | None = None
+) -> Manifest | None:
     """Fail now if `url` cannot take this cache; return the manifest of a compatible cache already there."""
     from fsspec.core import url_to_fs
 
@@ -324,8 +339,10 @@ def _names(fs: Any, root: str, url: str) -> list[str]:
 
 
 def _cache_file(name: str) -> bool:
-    return name == MANIFEST_FILE or (name.startswith("shard-") and name.endswith(".safetensors")) or (
-        name.startswith(".") and (".tmp-" in name or name.startswith(".falcon-write-probe"))
+    return (
+        name == MANIFEST_FILE
+        or (name.startswith("shard-") and name.endswith(".safetensors"))
+        or (name.startswith(".") and (".tmp-" in name or name.startswith(".falcon-write-probe")))
     )
 
 
@@ -371,7 +388,9 @@ def _read_and_plan(
         for r, row in enumerate(rows):
             if row["kind"] == "read_stats":
                 stats = json.loads(row["read_stats"])
-                counts.append(ReadCounts(row["file"], stats["skipped"], stats["fixed"], tuple(stats["problems"])))
+                counts.append(
+                    ReadCounts(row["file"], stats["skipped"], stats["fixed"], tuple(stats["problems"]))
+                )
                 continue
             records.append(RecordInfo(row["file"], row["index"], row["tokens"], row["digest"], row["skip"]))
             where[(row["file"], row["index"])] = (b, r)
@@ -387,7 +406,10 @@ def _read_and_plan(
         b, r = where[(rec.file, rec.index)]
         grouped[k][b][0].append(r)
         grouped[k][b][1].append(g)
-    pieces = {k: [[b, rows, numbers] for b, (rows, numbers) in sorted(by_block.items())] for k, by_block in grouped.items()}
+    pieces = {
+        k: [[b, rows, numbers] for b, (rows, numbers) in sorted(by_block.items())]
+        for k, by_block in grouped.items()
+    }
     return blocks, plan, pieces
 
 
@@ -406,7 +428,11 @@ def _write_shards(
     from pipelines.stages import ShardSettings, ShardStage
 
     resources = ray.cluster_resources()
-    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+    gpus = (
+        config.gpus_per_actor
+        if config.gpus_per_actor is not None
+        else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+    )
     threads = config.threads_per_actor or max(1, int(resources.get("CPU", 1)) // config.num_actors)
     settings = ShardSettings(
         model_path=str(folder),

@@ -99,7 +99,9 @@ class CachePlan:
         if manifest is None:
             return []
         planned = {(s.path, s.first_record, s.end_record, s.source_sha256) for s in self.shards}
-        return [e for e in manifest.shards if (e.path, e.first_record, e.end_record, e.source_sha256) in planned]
+        return [
+            e for e in manifest.shards if (e.path, e.first_record, e.end_record, e.source_sha256) in planned
+        ]
 
 
 def plan_shards(

@@ -224,18 +224,29 @@ class ShardData:
     def __post_init__(self) -> None:
         n = self.input_ids.shape[0]
         checks = [
-            (self.input_ids.dim() == 1 and self.input_ids.dtype == torch.int32, "input_ids must be (Ntok,) int32"),
-            (tuple(self.loss_mask.shape) == (n,) and self.loss_mask.dtype == torch.uint8, "loss_mask must be (Ntok,) uint8"),
+            (
+                self.input_ids.dim() == 1 and self.input_ids.dtype == torch.int32,
+                "input_ids must be (Ntok,) int32",
+            ),
+            (
+                tuple(self.loss_mask.shape) == (n,) and self.loss_mask.dtype == torch.uint8,
+                "loss_mask must be (Ntok,) uint8",
+            ),
             (self.hidden.dim() == 2 and self.hidden.shape[0] == n, "hidden must be (Ntok, H)"),
             (self.offsets.dim() == 1 and self.offsets.dtype == torch.int64, "offsets must be (R+1,) int64"),
-            ((self.topk_ids is None) == (self.topk_logprobs is None), "topk_ids and topk_logprobs go together"),
+            (
+                (self.topk_ids is None) == (self.topk_logprobs is None),
+                "topk_ids and topk_logprobs go together",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"bad shard tensors: {message}")
         off = self.offsets
         if off.numel() < 1 or off[0] != 0 or off[-1] != n or bool((off[1:] < off[:-1]).any()):
-            raise ValueError(f"bad shard tensors: offsets must rise from 0 to Ntok={n}, got {off.tolist()[:8]}...")
+            raise ValueError(
+                f"bad shard tensors: offsets must rise from 0 to Ntok={n}, got {off.tolist()[:8]}..."
+            )
         if self.topk_ids is not None:
             assert self.topk_logprobs is not None
             if self.topk_ids.shape[0] != n or self.topk_ids.shape != self.topk_logprobs.shape:
@@ -395,7 +406,9 @@ class HiddenCacheReader:
         if self.verify:
             digest = hashlib.sha256(data).hexdigest()
             if digest != entry.sha256:
-                raise ValueError(f"{source}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}...")
+                raise ValueError(
+                    f"{source}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}..."
+                )
         shard = ShardData.from_bytes(data, source)
         meta = self.metadata
         problems = []

@@ -104,7 +104,14 @@ def _read_file(file: int, url: str, max_records: int | None, block_records: int)
 
 
 def _row(kind: str, file: int, index: int, id_: str, messages: str, read_stats: str = "") -> dict[str, Any]:
-    return {"kind": kind, "file": file, "index": index, "id": id_, "messages": messages, "read_stats": read_stats}
+    return {
+        "kind": kind,
+        "file": file,
+        "index": index,
+        "id": id_,
+        "messages": messages,
+        "read_stats": read_stats,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,7 +193,9 @@ def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        if current and (len(current) >= batch_size or (len(current) + 1) * lengths[current[0]] > batch_tokens):
+        if current and (
+            len(current) >= batch_size or (len(current) + 1) * lengths[current[0]] > batch_tokens
+        ):
             batches.append(current)
             current = []
         current.append(i)
@@ -391,7 +400,9 @@ class ShardStage:
 
     def _regenerated(self, messages: list[dict[str, str]], record: int) -> RenderedRecord:
         assert self.regenerator is not None
-        rendered = render_record(self.tokenizer, self.regenerator(messages, record), self.settings.max_seq_len)
+        rendered = render_record(
+            self.tokenizer, self.regenerator(messages, record), self.settings.max_seq_len
+        )
         if rendered.skip:  # cannot happen when the source rendered: the first answer starts as early
             raise RuntimeError(f"record {record}: regenerated conversation is unusable ({rendered.skip})")
         return rendered

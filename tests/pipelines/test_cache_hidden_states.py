@@ -94,7 +94,12 @@ def test_local_cache_equals_direct_forward(clean_run, sharegpt, smollm2_path, sm
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["summary"]["complete"] and manifest["summary"]["records_cached"] == len(usable)
     meta = manifest["metadata"]
-    assert (meta["max_seq_len"], meta["dtype"], meta["layer"], meta["topk"]) == (MAX_LEN, "bf16", "last_after_norm", 0)
+    assert (meta["max_seq_len"], meta["dtype"], meta["layer"], meta["topk"]) == (
+        MAX_LEN,
+        "bf16",
+        "last_after_norm",
+        0,
+    )
     assert meta["target"]["hidden_size"] == 576 and meta["regenerate"] is None
 
     reader = HiddenCacheReader(str(out))
@@ -166,7 +171,9 @@ def test_killed_run_resumes_to_the_clean_manifest(clean_run, tmp_path):
         "--max-seq-len", str(MAX_LEN), "--shard-tokens", str(SHARD_TOKENS), "--threads-per-actor", "2",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 300
         listed = 0
@@ -176,7 +183,9 @@ def test_killed_run_resumes_to_the_clean_manifest(clean_run, tmp_path):
             if listed >= 2:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert proc.poll() is None, (
+            f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -196,13 +205,19 @@ def test_killed_run_resumes_to_the_clean_manifest(clean_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_regenerate_topk_and_malformed_input(ray_local, conversations, tmp_path, smollm2_path, smollm2_tokenizer):
+def test_regenerate_topk_and_malformed_input(
+    ray_local, conversations, tmp_path, smollm2_path, smollm2_tokenizer
+):
     from falcon_core.generate import Engine
     from falcon_core.target import load_target
 
     good = [c for c in conversations[:6] if c.messages[0]["role"] == "user"][:3]
     lines = [json.dumps({"id": c.id, "messages": c.as_dicts()}) for c in good]
-    lines[1:1] = ["{not json", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), json.dumps({"x": 1})]
+    lines[1:1] = [
+        "{not json",
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}),
+        json.dumps({"x": 1}),
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "cache"
     config = CacheConfig(
