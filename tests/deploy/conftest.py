@@ -1,10 +1,15 @@
 """Fixtures shared by the tests that run the real Serve application on a local Ray (127.0.0.1):
 `free_port`, `local_serve` (start Ray + Serve with a config dict, shut both down after), and
-`tiny_serving_model` (a random fp32 Llama folder with SmolLM2's tokenizer, fast enough for load tests)."""
+`tiny_serving_model` (a random fp32 Llama folder with SmolLM2's tokenizer, fast enough for load tests);
+`small_app` (the router and one SmolLM2 replica with an API key and a 64 KiB body limit) with raw-HTTP
+helpers, for the bad-input and security tests."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import http.client
+import json
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,3 +92,128 @@ def tiny_serving_model(tmp_path_factory: pytest.TempPathFactory, smollm2_tokeniz
     model.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# `small_app`: the real router + one SmolLM2 replica, for the bad-input and security tests
+
+SMALL_API_KEY_ENV = "FALCON_SMALL_TEST_API_KEY"
+SMALL_API_KEY = "small-key-4f1c"
+SMALL_MAX_BODY = 64 * 1024
+SMALL_MODEL = "plain-test"
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_response(raw: bytes) -> HttpReply:
+    """The first HTTP/1.1 response in `raw` (Content-Length or chunked body); status 0 if there is none."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return HttpReply(0, {}, raw)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    status = int(lines[0].split()[1])
+    if "content-length" in headers:
+        return HttpReply(status, headers, rest[: int(headers["content-length"])])
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            body += rest[:size]
+            rest = rest[size + 2 :]
+        return HttpReply(status, headers, bytes(body))
+    return HttpReply(status, headers, rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallApp:
+    host: str
+    port: int
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str | None] | None = None,
+        auth: bool = True,
+        timeout: float = 120,
+    ) -> HttpReply:
+        """One request through `http.client`: JSON content type and the key unless overridden (a header
+        given as None is left out)."""
+        hdrs: dict[str, str | None] = {"Content-Type": "application/json"}
+        if auth:
+            hdrs["Authorization"] = f"Bearer {SMALL_API_KEY}"
+        hdrs.update(headers or {})
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers={k: v for k, v in hdrs.items() if v is not None})
+            resp = conn.getresponse()
+            return HttpReply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def send_raw(self, data: bytes, timeout: float = 60) -> HttpReply:
+        """Write `data` (a whole HTTP/1.1 request, possibly malformed) on a fresh socket; read until the
+        server closes (send `Connection: close`) and parse the first response."""
+        chunks = []
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused mid-body
+                sock.sendall(data)
+            while True:
+                try:
+                    part = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not part:
+                    break
+                chunks.append(part)
+        return parse_response(b"".join(chunks))
+
+    def completion_works(self) -> bool:
+        body = {"model": SMALL_MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+        reply = self.request("POST", "/v1/completions", json.dumps(body).encode())
+        return reply.status == 200 and reply.json()["usage"]["completion_tokens"] == 1
+
+
+def small_app_config(port: int) -> dict[str, Any]:
+    model = {
+        "name": SMALL_MODEL,
+        "dtype": "bf16",
+        "torch_threads": 1,
+        "num_cpus": 0.5,
+        "max_tokens_limit": 64,
+        "default_max_tokens": 4,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+    }
+    args = {"api_key_env": SMALL_API_KEY_ENV, "max_body_bytes": SMALL_MAX_BODY, "models": [model]}
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {"name": "falcon", "route_prefix": "/", "import_path": "deploy.router:build_app", "args": args}
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def small_app(free_port: Callable[[], int]) -> Iterator[SmallApp]:
+    """The real app (router + one bf16 SmolLM2 replica, key `SMALL_API_KEY`, body limit 64 KiB) on a
+    local Ray; each module that uses it starts its own (~20 s)."""
+    port = free_port()
+    with _local_serve(small_app_config(port), {SMALL_API_KEY_ENV: SMALL_API_KEY}, num_cpus=2):
+        yield SmallApp("127.0.0.1", port)
