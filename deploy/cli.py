@@ -126,10 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(raw, dict):
             raise ValueError(f"serve config {args.config} is not a YAML mapping")
         if args.drafter is not None:
-            if args.drafter != "none" and not (Path(args.drafter) / "model.safetensors").is_file():
-                raise FileNotFoundError(
-                    f"--drafter {args.drafter}: no drafter checkpoint (model.safetensors) there"
-                )
+            if args.drafter != "none":
+                from falcon_core.checkpoint import check_drafter_files
+
+                check_drafter_files(args.drafter)  # before Ray starts: a damaged file is named here
             raw = with_drafter(raw, args.drafter)
         schema = load_config(raw)
     except (FileNotFoundError, ValueError) as err:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from falcon_core.drafter import Drafter, DrafterConfig
@@ -167,9 +167,13 @@ def read_drafter_config(path: str | Path) -> tuple[DrafterConfig, TargetIdentity
     if not file.is_file():
         raise FileNotFoundError(f"drafter checkpoint {path} has no {CONFIG_FILE}")
     try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{file} is not a Falcon drafter checkpoint (a JSON {type(meta).__name__}, not an object)"
+        )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{file} is not a Falcon drafter checkpoint (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -182,6 +186,25 @@ def read_drafter_config(path: str | Path) -> tuple[DrafterConfig, TargetIdentity
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid drafter or target section: {e}") from e
     return config, identity, meta.get("card")
+
+
+def check_drafter_files(path: str | Path) -> None:
+    """Fail fast, without building the drafter, when folder `path` is not a readable checkpoint: a missing
+    or invalid `config.json`, a missing `model.safetensors`, or one whose header is damaged or does not
+    cover the file (truncated). The error names the file. (Flipped bytes inside tensor data are not
+    detectable here; the format keeps no checksum.)"""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"drafter checkpoint folder {path} does not exist")
+    read_drafter_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"drafter checkpoint {path} has no {WEIGHTS_FILE}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file: {e}") from e
 
 
 def load_drafter(

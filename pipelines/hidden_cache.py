@@ -126,6 +126,11 @@ class ShardEntry:
     source_sha256: str
     """Digest of the shard's planned inputs; a rerun reuses the shard only when its plan gives the same."""
 
+    def __post_init__(self) -> None:
+        parts = self.path.replace("\\", "/").split("/")
+        if not self.path or parts[0] == "" or ".." in parts or ":" in self.path:
+            raise ValueError(f"shard path {self.path!r} must be relative to the cache folder, without '..'")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardEntry:
         return cls(**d)
@@ -182,7 +187,12 @@ class Manifest:
         path = f"{root}/{MANIFEST_FILE}"
         if not fs.exists(path):
             return None
-        return cls.from_json(fs.cat_file(path).decode(), source=f"{url.rstrip('/')}/{MANIFEST_FILE}")
+        source = f"{url.rstrip('/')}/{MANIFEST_FILE}"
+        try:
+            text = fs.cat_file(path).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON: {e}") from e
+        return cls.from_json(text, source=source)
 
     def save(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         """Write `manifest.json` into cache folder `url` atomically."""
@@ -402,7 +412,10 @@ class HiddenCacheReader:
         """Shard `i` of the manifest, checked against its entry and the cache metadata."""
         entry = self.manifest.shards[i]
         source = f"{self.url}/{entry.path}"
-        data = self._fs.cat_file(f"{self._root}/{entry.path}")
+        try:
+            data = self._fs.cat_file(f"{self._root}/{entry.path}")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{source} is listed in the manifest but missing") from e
         if self.verify:
             digest = hashlib.sha256(data).hexdigest()
             if digest != entry.sha256:
