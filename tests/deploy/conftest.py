@@ -114,8 +114,11 @@ class HttpReply:
 
 
 def parse_response(raw: bytes) -> HttpReply:
-    """The first HTTP/1.1 response in `raw` (Content-Length or chunked body); status 0 if there is none."""
+    """The first final HTTP/1.1 response in `raw` (interim 1xx ones skipped; Content-Length or chunked
+    body); status 0 if there is none."""
     head, sep, rest = raw.partition(b"\r\n\r\n")
+    while sep and head.startswith(b"HTTP/1.1 1"):
+        head, sep, rest = rest.partition(b"\r\n\r\n")
     if not sep:
         return HttpReply(0, {}, raw)
     lines = head.decode("latin-1").split("\r\n")
