@@ -16,6 +16,12 @@ Steps (one helper each):
    written by an actor pool (`ShardStage`, one model per actor), the manifest updated after each.
 4. The manifest is finalized with a deterministic summary; a `CacheSummary` (with timings) is returned.
 
+Faults. A shard's bytes depend only on its planned records, and a shard appears whole (temp name then
+rename) before the manifest lists it, so writing a shard twice is harmless. A killed shard actor is
+restarted by Ray and its unfinished shards retried (`max_restarts` / `max_task_retries`), and the temp
+files a killed writer left are removed at the end. A killed driver leaves a manifest listing only
+finished shards: a rerun keeps those and writes the rest (tests/pipelines/test_pipeline_faults.py).
+
 The format is `pipelines/hidden_cache.py`'s (docs/DESIGN.md, "Hidden-state cache format"). Ray is
 imported lazily: Ray reads `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` when first imported, and `main` sets
 it (with `RAY_USAGE_STATS_ENABLED=0`) first unless already set.
@@ -80,6 +86,8 @@ class CacheConfig:
     regen_temperature: float = 0.0
     """0: greedy; else sampled with `regen_seed`."""
     regen_seed: int = 0
+    regen_batch_size: int = 1
+    """Greedy regeneration: conversations decoded together per batch (see `stages.Regenerator`)."""
     num_actors: int = 1
     """Target actors (each loads the model once)."""
     batch_size: int = 8
@@ -198,6 +206,7 @@ def cache_hidden_states(config: CacheConfig) -> CacheSummary:
         shard_start = time.perf_counter()
         written = _write_shards(config, folder, todo, pieces, blocks, manifest, log) if todo else []
         shard_seconds = time.perf_counter() - shard_start
+        remove_stale_temps(config.output, config.storage_options)  # left by writers killed and retried
     finally:
         if started_ray:
             ray.shutdown()
@@ -261,7 +270,9 @@ def _regenerate_settings(config: CacheConfig) -> Any:
 
     if not config.regenerate:
         return None
-    return RegenerateSettings(config.regen_max_new_tokens, config.regen_temperature, config.regen_seed)
+    return RegenerateSettings(
+        config.regen_max_new_tokens, config.regen_temperature, config.regen_seed, config.regen_batch_size
+    )
 
 
 def resolve_inputs(spec: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -455,6 +466,8 @@ def _write_shards(
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=gpus,
+        max_restarts=-1,  # a dead actor is restarted and its shards retried (writes are idempotent)
+        max_task_retries=-1,
     )
     planned = {s.index: s for s in todo}
     progress = _Progress(len(todo), sum(s.records for s in todo), sum(s.tokens for s in todo), log)
@@ -541,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regen-max-new-tokens", type=int, default=d.regen_max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.regen_temperature, help="regeneration; 0 = greedy")
     p.add_argument("--seed", type=int, default=d.regen_seed, help="regeneration sampling seed")
+    p.add_argument("--regen-batch-size", type=int, default=d.regen_batch_size, help="greedy: batched decoding")
     p.add_argument("--num-actors", type=int, default=d.num_actors)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
@@ -566,6 +580,7 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
         regen_max_new_tokens=args.regen_max_new_tokens,
         regen_temperature=args.temperature,
         regen_seed=args.seed,
+        regen_batch_size=args.regen_batch_size,
         num_actors=args.num_actors,
         batch_size=args.batch_size,
         batch_tokens=max(args.batch_tokens, args.max_seq_len),

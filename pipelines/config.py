@@ -41,6 +41,8 @@ class DataSection:
     regenerate: bool = False
     """Replace the assistant answers with the target's own (self-distillation) before caching."""
     regenerate_max_new_tokens: int = 256
+    regenerate_batch_size: int = 32
+    """Conversations regenerated together (batched greedy decoding; 1: one at a time)."""
     topk: int = 32
     """Cache the target's top-N next-token log-probabilities (0: recompute the LM head while training)."""
     cache_url: str | None = None
@@ -56,7 +58,7 @@ class DataSection:
     """torch threads per caching actor on CPU (None: the cluster's CPUs / actors)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "max_seq_len", "regenerate_max_new_tokens", "shard_tokens", "cache_actors")
+        _positive(self, "max_seq_len", "regenerate_max_new_tokens", "regenerate_batch_size", "shard_tokens", "cache_actors")
         _positive(self, "cache_cpus_per_actor", "cache_batch_size")
         if self.max_records is not None and self.max_records <= 0:
             raise ValueError(f"data.max_records must be positive or null, got {self.max_records}")
@@ -172,11 +174,15 @@ class RaySection:
     """CPUs of the local Ray started when there is no cluster (None: all)."""
     storage_path: str | None = None
     """Checkpoints go to `storage_path/<name>` (local or s3://); None: `$FALCON_HOME/ray_results`."""
-    max_failures: int = 0
-    """Worker-group restarts from the latest checkpoint before the run fails."""
+    max_failures: int = 2
+    """Ray Train `FailureConfig.max_failures`: when a worker dies or raises, the worker group is restarted
+    from the latest registered checkpoint up to this many times before the run fails (-1: without
+    limit, 0: fail at once). A resumed run ends with the same weights as an uninterrupted one."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_workers", "cpus_per_worker")
+        if self.max_failures < -1:
+            raise ValueError(f"ray.max_failures must be >= -1, got {self.max_failures}")
 
 
 @dataclass(frozen=True)

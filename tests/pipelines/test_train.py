@@ -69,7 +69,12 @@ def test_lr_factor_warmup_then_decay():
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory, smollm2_path, smollm2_tokenizer) -> str:
-    """RECORDS short ShareGPT conversations with the target's hidden states and top-TOPK, in 2 shards."""
+    return make_small_cache(tmp_path_factory.mktemp("cache"), smollm2_path, smollm2_tokenizer)
+
+
+def make_small_cache(folder: Path, smollm2_path: Path, smollm2_tokenizer) -> str:
+    """RECORDS short ShareGPT conversations with the target's hidden states and top-TOPK, in 2 shards,
+    written to `folder/small`; returns its URL."""
     from falcon_core import chat
     from falcon_core.checkpoint import TargetIdentity
     from falcon_core.data import read_sharegpt
@@ -85,7 +90,7 @@ def small_cache(tmp_path_factory, smollm2_path, smollm2_tokenizer) -> str:
         write_shard,
     )
 
-    url = str(tmp_path_factory.mktemp("cache") / "small")
+    url = str(folder / "small")
     target = load_target(smollm2_path, dtype="fp32")
     records = []
     torch.set_num_threads(1)
@@ -175,6 +180,24 @@ def run_distill(argv: list[str], timeout: float = 600) -> subprocess.CompletedPr
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def start_distill(argv: list[str], log: Path) -> subprocess.Popen:
+    """The distillation driver started in its own session, its output going to `log` (kill it with
+    `_kill_tree`)."""
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, str(REPO / "pipelines" / "distill.py"), *argv], cwd=REPO,
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def registered_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered for the run in `run_dir`.
+
+    Ray Train resumes from these (listed in its snapshot), not from every folder that reached storage.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    text = snapshot.read_text() if snapshot.is_file() else ""
+    return sorted({int(m) for m in re.findall(r"checkpoint_step(\d{7})", text)})
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -205,28 +228,18 @@ def test_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(small_cache
     assert "not rebuilt" in done.stdout
 
     argv = small_config(small_cache, tmp_path, "killed", **common)
-    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "distill.py"), *argv], cwd=REPO,
-                            env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = start_distill(argv, tmp_path / "killed.log")
     run_dir = tmp_path / "ray_results" / "killed"
-    # Ray Train resumes from the checkpoints its controller has registered (listed in this snapshot),
-    # not from every folder that reached storage: kill only once one is registered
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-
-    def registered_steps() -> list[int]:
-        text = snapshot.read_text() if snapshot.is_file() else ""
-        return sorted({int(m) for m in re.findall(r"checkpoint_step(\d{7})", text)})
-
+    # kill only once a checkpoint is registered (Ray Train resumes from those only)
     deadline = time.time() + 400
     try:
-        while time.time() < deadline and proc.poll() is None and not registered_steps():
+        while time.time() < deadline and proc.poll() is None and not registered_steps(run_dir):
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
-        assert registered_steps(), "no registered checkpoint within the deadline"
+        assert registered_steps(run_dir), "no registered checkpoint within the deadline"
     finally:
         _kill_tree(proc)
-        log.close()
-    steps = registered_steps()
+    steps = registered_steps(run_dir)
     assert steps and steps[-1] < 8, f"killed too late: checkpoints at steps {steps}"
     assert not (tmp_path / "drafters" / "killed").exists()
 
