@@ -79,18 +79,39 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
             f"the request body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})",
             code="invalid_json",
         ) from None
+    except RecursionError:
+        raise OpenAIError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    except ValueError as err:  # an integer literal longer than Python's int parser takes (4300 digits)
+        raise OpenAIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise OpenAIError(400, "the request body must be a JSON object", code="invalid_json")
+    if "\\u" in text and _has_lone_surrogate(obj):
+        raise OpenAIError(
+            400,
+            "the request body escapes a lone UTF-16 surrogate (\\ud800-\\udfff), which is not a character",
+            code="invalid_unicode",
+        )
     try:
         return model.model_validate(obj)
     except ValidationError as err:
         raise validation_error(err) from None
 
 
+def _has_lone_surrogate(obj: Any) -> bool:
+    """True when a string in the parsed body holds an unpaired surrogate (JSON allows `"\\ud800"`; UTF-8
+    text, the tokenizer and the response encoder do not)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 # --------------------------------------------------------------------------------------------------
 # Requests
 
 PositiveInt = Annotated[int, Field(ge=1)]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class StreamOptions(BaseModel):
@@ -106,11 +127,12 @@ class _SamplingRequest(BaseModel):
 
     model: str
     max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = 0
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX)] = 0
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    """As vLLM: a 64-bit integer (torch's generator takes no more)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1

@@ -76,6 +76,13 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
 
 
+@app.exception_handler(Exception)
+async def _unexpected_error(_: Request, err: Exception) -> JSONResponse:
+    """A bug: still a JSON body in OpenAI's shape (Starlette logs the traceback after sending it)."""
+    body = OpenAIError(500, f"internal error: {type(err).__name__}", type="server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
 class GenerationRun:
     """One request's chunk stream from an engine replica, with its timings; records metrics when done."""
 
@@ -306,7 +313,15 @@ class FalconRouter:
             )
 
     async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 once it passes `max_body_bytes` (declared or actual size)."""
+        """The body, refused with 413 once it passes `max_body_bytes` (declared or actual size), and with
+        415 when it is declared as something other than JSON (no `Content-Type` is read as JSON)."""
+        media = request.headers.get("content-type")
+        if media is not None and media.partition(";")[0].strip().lower() != "application/json":
+            raise OpenAIError(
+                415,
+                f"Content-Type must be application/json, got {media[:100]!r}",
+                code="unsupported_media_type",
+            )
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         too_big = OpenAIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
