@@ -497,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recovery-timeout-s", type=float, default=180.0)
     p.add_argument("--no-fault", action="store_true")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--num-cpus", type=int, default=4, help="logical CPUs of the local Ray (replicas + router must fit)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -517,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deploy.config import ModelConfig
 
     deployment = ModelConfig(name=model).deployment_name
-    start_ray(None, None)
+    start_ray(None, args.num_cpus)
     t0 = time.monotonic()
     deploy(load_config(raw))
     print(f"app up in {time.monotonic() - t0:.1f} s", flush=True)

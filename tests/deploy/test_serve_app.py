@@ -71,12 +71,6 @@ class Served:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _make_drafter(folder: Path) -> None:
     """A real drafter checkpoint for SmolLM2, initialised from the target's last decoder layer."""
     import torch
@@ -141,12 +135,9 @@ def _app_config(port: int, drafter: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    import ray
+def served(tmp_path_factory: pytest.TempPathFactory, local_serve, free_port) -> Iterator[Served]:
     import torch
-    from ray import serve
 
-    from deploy.cli import deploy, load_config, start_ray
     from falcon_core.generate import Engine
 
     drafter = tmp_path_factory.mktemp("deploy") / "drafter"
@@ -155,20 +146,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     torch.set_num_threads(1)  # the replicas run one thread; same arithmetic here
     fp32 = Engine.from_pretrained(drafter=str(drafter), dtype="fp32", tree="chain-2")
     bf16 = Engine.from_pretrained(dtype="bf16")
-    port = _free_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in FAST_AUTOSCALING_ENV.items():
-            mp.setenv(key, value)
-        if ray.is_initialized():
-            ray.shutdown()
-        start_ray(None, num_cpus=4)
-        try:
-            deploy(load_config(_app_config(port, drafter)))
+    port = free_port()
+    try:
+        with local_serve(_app_config(port, drafter), env=FAST_AUTOSCALING_ENV, num_cpus=4):
             yield Served("127.0.0.1", port, fp32, bf16)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-            torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_health_models_and_api_key(served: Served) -> None:
@@ -392,10 +375,9 @@ def test_client_disconnect_mid_stream_frees_the_engine(served: Served) -> None:
 
 
 def _running_replicas(deployment: str) -> int:
-    from ray import serve
+    from bench.load_test import running_replicas
 
-    states = serve.status().applications["falcon"].deployments[deployment].replica_states
-    return sum(n for state, n in states.items() if getattr(state, "value", state) == "RUNNING")
+    return running_replicas("falcon", deployment)
 
 
 def test_burst_scales_out_within_bounds(served: Served) -> None:
