@@ -554,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regen-max-new-tokens", type=int, default=d.regen_max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.regen_temperature, help="regeneration; 0 = greedy")
     p.add_argument("--seed", type=int, default=d.regen_seed, help="regeneration sampling seed")
-    p.add_argument("--regen-batch-size", type=int, default=d.regen_batch_size, help="greedy: batched decoding")
+    p.add_argument(
+        "--regen-batch-size", type=int, default=d.regen_batch_size, help="greedy: batched decoding"
+    )
     p.add_argument("--num-actors", type=int, default=d.num_actors)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)

@@ -58,7 +58,14 @@ class DataSection:
     """torch threads per caching actor on CPU (None: the cluster's CPUs / actors)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "max_seq_len", "regenerate_max_new_tokens", "regenerate_batch_size", "shard_tokens", "cache_actors")
+        _positive(
+            self,
+            "max_seq_len",
+            "regenerate_max_new_tokens",
+            "regenerate_batch_size",
+            "shard_tokens",
+            "cache_actors",
+        )
         _positive(self, "cache_cpus_per_actor", "cache_batch_size")
         if self.max_records is not None and self.max_records <= 0:
             raise ValueError(f"data.max_records must be positive or null, got {self.max_records}")
