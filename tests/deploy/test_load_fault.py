@@ -127,6 +127,24 @@ def _config(port: int, model: Path) -> dict:
     }
 
 
+def _running_at_router(url: str) -> float:
+    """The router's `num_requests_running` gauge for the model (requests it still holds open)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url + "/metrics", timeout=30) as r:
+        families = text_string_to_metric_families(r.read().decode())
+    values = [
+        s.value
+        for f in families
+        for s in f.samples
+        if s.name == "num_requests_running" and s.labels.get("model_name") == MODEL
+    ]
+    assert len(values) == 1, "no num_requests_running gauge for the model"
+    return values[0]
+
+
 @pytest.fixture(scope="module")
 def url(local_serve, free_port, tiny_serving_model: Path) -> Iterator[str]:
     port = free_port()
@@ -145,6 +163,7 @@ def test_concurrent_load_no_errors_bounded_and_stream_equals_unary(url: str) -> 
     assert result["latency_max_s"] <= BOUND_S
     assert result["streamed"] == 16 and result["completion_tokens"] > 0
     assert result["text_mismatches"] == []
+    assert _running_at_router(url) == 0
     # A stream and a unary request for one key, side by side, give the same non-empty text.
     specs = [RequestSpec("completion", PROMPTS[0], 12, stream) for stream in (True, False)]
     streamed, unary = (send(url, MODEL, s, BOUND_S) for s in specs)
@@ -177,3 +196,4 @@ def test_replica_killed_mid_load_every_request_ends_and_serve_recovers(url: str)
     assert everything["hang"] == everything["broken"] == 0
     assert fault["latency_max_s"] <= BOUND_S and fault["clients_stuck_after_recovery"] == 0
     assert fault["after_recovery"]["ok"] == fault["after_recovery"]["requests"] == 6, fault["after_recovery"]
+    assert _running_at_router(url) == 0, "the router still holds requests open after the fault"
