@@ -189,7 +189,9 @@ def test_the_training_worker_names_the_damaged_shard(tmp_path: Path, damage: str
 
 
 @pytest.mark.slow
-def test_a_ray_train_run_on_a_damaged_cache_fails_naming_the_shard(tmp_path: Path) -> None:
+def test_a_ray_train_run_on_a_damaged_cache_fails_naming_the_shard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same through `run_training` on a local Ray (one worker, no retries): the run fails and the
     error the driver raises carries the shard's path."""
     import ray
@@ -199,6 +201,7 @@ def test_a_ray_train_run_on_a_damaged_cache_fails_naming_the_shard(tmp_path: Pat
     cache = tmp_path / "cache"
     write_cache(cache)
     flip(cache / shard_name(0))
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # notice the failed worker at once
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
