@@ -396,7 +396,7 @@ def run_fault(
         "recovery_s": recovery_s,
         "clients_stuck_after_recovery": still_running,
         "in_flight_at_kill": _counts(in_flight),
-        "in_flight_errors": [o.error for o in in_flight if o.verdict != "ok"],
+        "in_flight_errors": [f"{o.status}: {o.error}" for o in in_flight if o.verdict != "ok"],
         "sent_during_recovery": _counts(during),
         "all_requests": _counts(done),
         "latency_max_s": max((o.latency_s for o in done), default=0.0),

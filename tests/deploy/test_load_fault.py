@@ -178,11 +178,11 @@ def test_replica_killed_mid_load_every_request_ends_and_serve_recovers(url: str)
     brings a new replica up, and every request after that succeeds."""
     assert running_replicas(APP, DEPLOYMENT) == 2
     before = replica_actor_names(APP, DEPLOYMENT)
-    specs = [
-        RequestSpec("chat" if i % 2 else "completion", PROMPTS[i % 4], 600, i % 3 != 0) for i in range(6)
-    ]
+    # All streamed: the request the killed replica is decoding has already sent status 200 and text, so
+    # it must end with a JSON error event and [DONE]; those queued in that replica get a 503 before any.
+    specs = [RequestSpec("chat" if i % 2 else "completion", PROMPTS[i % 4], 600, True) for i in range(6)]
     fault = run_fault(url, MODEL, APP, DEPLOYMENT, specs, BOUND_S, kill_after_s=2.0, recovery_timeout_s=120.0)
-    print({k: fault[k] for k in ("recovery_s", "in_flight_at_kill", "sent_during_recovery", "latency_max_s")})
+    print({k: fault[k] for k in ("recovery_s", "in_flight_at_kill", "in_flight_errors", "latency_max_s")})
 
     assert fault["recovery_s"] is not None, "Serve did not bring the replica back"
     after = replica_actor_names(APP, DEPLOYMENT)
@@ -192,6 +192,10 @@ def test_replica_killed_mid_load_every_request_ends_and_serve_recovers(url: str)
     assert in_flight["total"] >= 1
     assert in_flight["hang"] == in_flight["broken"] == 0, fault["in_flight_errors"]
     assert in_flight["ok"] + in_flight["clean_error"] == in_flight["total"]
+    mid_stream = [
+        e for e in fault["in_flight_errors"] if e.startswith("200: in stream: the engine is unavailable")
+    ]
+    assert mid_stream, fault["in_flight_errors"]
     everything = fault["all_requests"]
     assert everything["hang"] == everything["broken"] == 0
     assert fault["latency_max_s"] <= BOUND_S and fault["clients_stuck_after_recovery"] == 0
