@@ -249,7 +249,7 @@ def distill(cfg: Any) -> DistillResult:
     from falcon_core.home import falcon_home
     from falcon_core.resolve import resolve_model
     from falcon_core.target import TargetConfig
-    from pipelines.train import DRAFTER_DIR, TrainJob, run_training
+    from pipelines.train import DRAFTER_DIR, PROGRESS_FILE, TrainJob, run_training
 
     start = time.perf_counter()
     folder = resolve_model(cfg.target.model)
@@ -271,6 +271,7 @@ def distill(cfg: Any) -> DistillResult:
     with tempfile.TemporaryDirectory(prefix="falcon-distill-") as tmp:
         local = outcome.checkpoint.to_directory(tmp)
         ckpt = load_drafter(Path(local) / DRAFTER_DIR, expected_identity=identity)
+        progress = json.loads((Path(local) / PROGRESS_FILE).read_text())
     drafter = ckpt.drafter.eval()
     metrics = final_evaluation(cfg, str(folder), drafter, url, identity)
     t3 = time.perf_counter()
@@ -283,6 +284,7 @@ def distill(cfg: Any) -> DistillResult:
             "epochs": cfg.train.epochs,
             "workers": cfg.ray.num_workers,
             "seconds": round(t2 - t1, 1),
+            "history": progress.get("history", []),
             "config": cfg.to_dict(),
         },
         **metrics,

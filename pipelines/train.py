@@ -253,6 +253,8 @@ class Worker:
         else:
             self.model = self.drafter
         self.step = 0
+        self.history: list[dict[str, Any]] = []
+        """One entry per finished epoch: step, tokens trained on so far (all ranks), validation."""
         self.evaluator: Any = None
 
     def _training_head(self, lm_head: torch.Tensor, n: int) -> TokenHead:
@@ -308,6 +310,7 @@ class Worker:
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(progress["step"])
+        self.history = list(progress.get("history", []))
         self._log(f"resumed at step {self.step} from {checkpoint.path}")
 
     def save(self, folder: Path, metrics: dict[str, Any]) -> None:
@@ -372,13 +375,28 @@ class Worker:
                     )
                 every = t.checkpoint_every and self.step % t.checkpoint_every == 0
                 if last_of_epoch:
-                    metrics = {"epoch": epoch, "step": self.step, **window.metrics(), **self.validate(epoch)}
+                    validation = self.validate(epoch)
+                    done = batches[: self.step - epoch * self.steps_per_epoch]
+                    self._record_epoch(epoch, done, validation)
+                    metrics = {"epoch": epoch, "step": self.step, **window.metrics(), **validation}
+                    metrics["history"] = self.history
                     window = _Window(self.K)
                     self.report(metrics, checkpoint=True)
                 elif every:
                     self.report({"epoch": epoch, "step": self.step, **window.metrics()}, checkpoint=True)
                 if self.step >= self.total_steps:
                     break
+
+    def _record_epoch(self, epoch: int, batches: list[list[int]], validation: dict[str, Any]) -> None:
+        """Append the epoch to `history`: cumulative tokens over all ranks, and what validation found."""
+        local = sum(self.lengths[i] for b in batches for i in b)
+        tokens = torch.tensor([local], dtype=torch.long, device=self.device)  # (1,)
+        if self.world > 1:
+            dist.all_reduce(tokens)
+        before = self.history[-1]["tokens"] if self.history else 0
+        kept = ("heldout_top1", "tau", "acceptance_per_depth")
+        entry = {"epoch": epoch, "step": self.step, "tokens": before + int(tokens.item())}
+        self.history.append({**entry, **{k: validation[k] for k in kept if k in validation}})
 
     def train_step(self, records: list[CachedRecord], epoch: int) -> Any:
         t = self.cfg.train

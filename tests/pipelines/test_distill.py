@@ -73,6 +73,10 @@ def test_tiny_profile_end_to_end_exports_a_lossless_drafter(tiny_run, smollm2_pa
     assert card["training"]["steps"] > 0 and card["data"]["records"] > 0
     assert len(card["heldout_top1"]) == 2 and card["heldout_positions"] > 0
     assert card["tau"] >= 1.0 and len(card["acceptance"]) == 4  # depths 1..2K for K = 2
+    history = card["training"]["history"]  # the learning curve: one entry per epoch
+    assert [h["epoch"] for h in history] == list(range(card["training"]["epochs"]))
+    assert history[-1]["step"] == card["training"]["steps"]
+    assert 0 < history[0]["tokens"] < history[-1]["tokens"] and all(len(h["heldout_top1"]) == 2 for h in history)
     print(f"tiny: {tiny_run['seconds']:.0f} s, held-out top-1 {card['heldout_top1']}, tau {card['tau']}")
 
     # the drafter loads against the target and decodes exactly as plain greedy decoding in fp32
