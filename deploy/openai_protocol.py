@@ -120,6 +120,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+NULL_MEANS_DEFAULT = frozenset(
+    {"temperature", "top_p", "top_k", "n", "presence_penalty", "frequency_penalty", "stream", "speculative"}
+)
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -141,6 +146,14 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: Literal[0, 0.0] = 0
     speculative: bool = True
     """Falcon extension: false decodes this request without the drafter."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """As OpenAI's API and vLLM: an explicit null for a field with a default means the default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
+        return data
 
     @field_validator("stop", mode="plain")
     @classmethod

@@ -114,3 +114,20 @@ def test_finish_reason_context_is_length_and_sse_framing() -> None:
     assert event.startswith("data: ") and event.endswith("\n\n")
     assert json.loads(event[6:])["choices"][0]["delta"] == {"content": "a"}
     assert sse("[DONE]") == "data: [DONE]\n\n"
+
+
+def test_null_means_the_default_as_in_openai_clients() -> None:
+    nulls = dict(temperature=None, top_p=None, top_k=None, n=None, stream=None, seed=None, stop=None)
+    req = parse_body(body(prompt="x", **nulls), CompletionRequest)
+    assert req.sampling() == parse_body(body(prompt="x"), CompletionRequest).sampling()
+    assert req.stream is False and req.temperature == 1.0
+    chat = parse_body(
+        json.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": None}
+        ).encode(),
+        ChatCompletionRequest,
+    )
+    assert chat.temperature == 1.0
+    with pytest.raises(OpenAIError) as err:  # the model has no default: null stays an error
+        parse_body(body(prompt="x", model=None), CompletionRequest)
+    assert err.value.status == 400
