@@ -101,8 +101,10 @@ def test_train_worker_killed_after_a_checkpoint_restarts_to_the_same_weights(tra
         deadline = time.monotonic() + 400
         workers: list[psutil.Process] = []
         while time.monotonic() < deadline and proc.poll() is None:
+            # between two checkpoints: one registered, and a step after it logged
             workers = ray_processes(proc.pid, TRAIN_WORKER)
-            if registered_steps(run_dir) and len(workers) == 2:
+            checkpoints = registered_steps(run_dir)
+            if checkpoints and len(workers) == 2 and max(_logged_steps(log)) > checkpoints[-1]:
                 break
             time.sleep(0.1)
         assert proc.poll() is None, (
