@@ -87,6 +87,8 @@ class CacheConfig:
     """0: greedy; else sampled with `regen_seed`."""
     regen_seed: int = 0
     regen_batch_size: int = 1
+    regen_max_answers: int | None = None
+    """Keep conversations up to their N-th regenerated answer (None: all turns)."""
     """Greedy regeneration: conversations decoded together per batch (see `stages.Regenerator`)."""
     num_actors: int = 1
     """Target actors (each loads the model once)."""
@@ -271,7 +273,11 @@ def _regenerate_settings(config: CacheConfig) -> Any:
     if not config.regenerate:
         return None
     return RegenerateSettings(
-        config.regen_max_new_tokens, config.regen_temperature, config.regen_seed, config.regen_batch_size
+        config.regen_max_new_tokens,
+        config.regen_temperature,
+        config.regen_seed,
+        config.regen_batch_size,
+        config.regen_max_answers,
     )
 
 
@@ -557,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--regen-batch-size", type=int, default=d.regen_batch_size, help="greedy: batched decoding"
     )
+    p.add_argument("--regen-max-answers", type=int, default=None, help="keep up to the N-th answer")
     p.add_argument("--num-actors", type=int, default=d.num_actors)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
@@ -583,6 +590,7 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
         regen_temperature=args.temperature,
         regen_seed=args.seed,
         regen_batch_size=args.regen_batch_size,
+        regen_max_answers=args.regen_max_answers,
         num_actors=args.num_actors,
         batch_size=args.batch_size,
         batch_tokens=max(args.batch_tokens, args.max_seq_len),

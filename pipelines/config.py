@@ -43,6 +43,8 @@ class DataSection:
     regenerate_max_new_tokens: int = 256
     regenerate_batch_size: int = 32
     """Conversations regenerated together (batched greedy decoding; 1: one at a time)."""
+    regenerate_max_answers: int | None = None
+    """Keep conversations up to their N-th regenerated answer (None: every turn that fits)."""
     topk: int = 32
     """Cache the target's top-N next-token log-probabilities (0: recompute the LM head while training)."""
     cache_url: str | None = None
@@ -67,6 +69,10 @@ class DataSection:
             "cache_actors",
         )
         _positive(self, "cache_cpus_per_actor", "cache_batch_size")
+        if self.regenerate_max_answers is not None and self.regenerate_max_answers <= 0:
+            raise ValueError(
+                f"data.regenerate_max_answers must be positive or null, got {self.regenerate_max_answers}"
+            )
         if self.max_records is not None and self.max_records <= 0:
             raise ValueError(f"data.max_records must be positive or null, got {self.max_records}")
         if self.topk < 0:

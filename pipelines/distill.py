@@ -100,6 +100,7 @@ def matching_cache(cfg: Any, url: str, identity: Any, template_hash: str) -> Any
         and (m.max_seq_len, m.dtype, m.topk) == (d.max_seq_len, d.cache_dtype, d.topk)
         and (m.regenerate is not None) == d.regenerate
         and (not d.regenerate or regen.get("max_new_tokens") == d.regenerate_max_new_tokens)
+        and (not d.regenerate or regen.get("max_answers") == d.regenerate_max_answers)
         and d.max_records is not None
         and parsed_records(manifest.summary) == d.max_records
     )
@@ -145,6 +146,7 @@ def build_cache(cfg: Any, url: str, identity: Any, tokenizer: Any) -> dict[str, 
                 regenerate=d.regenerate,
                 regen_max_new_tokens=d.regenerate_max_new_tokens,
                 regen_batch_size=d.regenerate_batch_size,
+                regen_max_answers=d.regenerate_max_answers,
                 num_actors=d.cache_actors,
                 cpus_per_actor=d.cache_cpus_per_actor,
                 batch_size=d.cache_batch_size,

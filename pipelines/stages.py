@@ -266,8 +266,12 @@ class RegenerateSettings:
     seed: int = 0
     batch_size: int = 1
     """Greedy only: conversations decoded together (`falcon_core.batch_greedy`); 1 = one at a time."""
+    max_answers: int | None = None
+    """Keep each conversation up to its N-th regenerated answer, dropping later turns (None: all)."""
 
     def __post_init__(self) -> None:
+        if self.max_answers is not None and self.max_answers <= 0:
+            raise ValueError(f"regeneration max_answers must be positive or None, got {self.max_answers}")
         if self.max_new_tokens <= 0 or self.temperature < 0 or self.batch_size <= 0:
             raise ValueError(
                 f"regeneration needs max_new_tokens > 0, temperature >= 0 and batch_size > 0, got "
@@ -299,10 +303,15 @@ class Regenerator:
 
     def __call__(self, messages: Sequence[dict[str, str]], record: int) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []
+        answers = 0
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 out.append(dict(message))
                 continue
+            if answers == self.settings.max_answers:
+                out = out[: max(i for i, m in enumerate(out) if m["role"] == "assistant") + 1]
+                break
+            answers += 1
             room = self.max_seq_len - len(chat.prompt_ids(self.engine.tokenizer, out))
             if room <= 0:
                 break
@@ -343,6 +352,10 @@ class Regenerator:
                     outs[i].append(dict(source[cursor[i]]))
                     cursor[i] += 1
                 if cursor[i] >= len(source):
+                    continue
+                if sum(m["role"] == "assistant" for m in outs[i]) == self.settings.max_answers:
+                    outs[i] = outs[i][: max(j for j, m in enumerate(outs[i]) if m["role"] == "assistant") + 1]
+                    cursor[i] = len(source)
                     continue
                 ids = chat.prompt_ids(tok, outs[i])
                 room = self.max_seq_len - len(ids)

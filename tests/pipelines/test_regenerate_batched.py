@@ -31,3 +31,20 @@ def test_batched_regeneration_equals_one_at_a_time_fp32(smollm2_path, smollm2_to
     assert many.generated_tokens == one.generated_tokens > 0
     assert [len(c) for c in expected] != [len(c) for c in conversations]  # a turn was dropped
     assert all(m["content"] not in "xyzwvu" for c in got for m in c if m["role"] == "assistant")
+
+
+@pytest.mark.slow
+def test_max_answers_keeps_conversations_up_to_the_nth_answer(smollm2_path, smollm2_tokenizer):
+    engine = Engine(load_target(smollm2_path, dtype="fp32"), smollm2_tokenizer)
+    conversation = [
+        {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "And another one?"}, {"role": "assistant", "content": "y"},
+        {"role": "user", "content": "A third?"},
+    ]  # fmt: skip
+    for batch_size in (1, 2):
+        settings = RegenerateSettings(max_new_tokens=8, batch_size=batch_size, max_answers=1)
+        got = Regenerator(engine, settings, max_seq_len=200).many([conversation, conversation[:2]], [0, 1])
+        assert [[m["role"] for m in c] for c in got] == [["user", "assistant"]] * 2
+        assert got[0] == got[1] and got[0][1]["content"] != "x"
+    with pytest.raises(ValueError, match="max_answers"):
+        RegenerateSettings(max_answers=0)
