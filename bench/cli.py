@@ -3,6 +3,7 @@
     falcon bench --prompts mtbench --prompts gsm8k --num-prompts 80 \\
         --methods vanilla,hf,hf-pld,eagle,falcon --max-new-tokens 256 --out bench/results/run
     falcon bench tree-fit --drafter models/smollm2-135m-falcon-k2 ...   (see bench/tree_fit.py)
+    falcon bench learning-curve --drafter DIR [--drafter DIR ...] --out DIR   (bench/learning_curve.py)
 
 `--prompts`: `mtbench` (MT-Bench's 80 questions), `gsm8k` (the GSM8K test split) or a JSONL file
 (MT-Bench `turns`, `prompt` or `messages`; `falcon_core.data.read_prompts`); repeat it for several
@@ -82,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.tree_fit import main as tree_fit_main
 
         return tree_fit_main(argv[1:])
+    if argv[:1] == ["learning-curve"]:
+        from bench.learning_curve import main as learning_curve_main
+
+        return learning_curve_main(argv[1:])
     args = build_parser().parse_args(argv)
     import json
 

@@ -76,7 +76,15 @@ def test_tiny_profile_end_to_end_exports_a_lossless_drafter(tiny_run, smollm2_pa
     history = card["training"]["history"]  # the learning curve: one entry per epoch
     assert [h["epoch"] for h in history] == list(range(card["training"]["epochs"]))
     assert history[-1]["step"] == card["training"]["steps"]
-    assert 0 < history[0]["tokens"] < history[-1]["tokens"] and all(len(h["heldout_top1"]) == 2 for h in history)
+    assert 0 < history[0]["tokens"] < history[-1]["tokens"] and all(
+        len(h["heldout_top1"]) == 2 for h in history
+    )
+    from bench.learning_curve import main as learning_curve
+
+    assert learning_curve(["--drafter", str(out), "--out", str(tiny_run["tmp"] / "curve")]) == 0
+    curve = json.loads((tiny_run["tmp"] / "curve" / "learning_curve.json").read_text())
+    assert [p["tokens"] for p in curve[0]["points"]] == [h["tokens"] for h in history]
+    assert (tiny_run["tmp"] / "curve" / "learning_curve.png").stat().st_size > 1000
     print(f"tiny: {tiny_run['seconds']:.0f} s, held-out top-1 {card['heldout_top1']}, tau {card['tau']}")
 
     # the drafter loads against the target and decodes exactly as plain greedy decoding in fp32
