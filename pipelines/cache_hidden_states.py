@@ -18,9 +18,10 @@ Steps (one helper each):
 
 Faults. A shard's bytes depend only on its planned records, and a shard appears whole (temp name then
 rename) before the manifest lists it, so writing a shard twice is harmless. A killed shard actor is
-restarted by Ray and its unfinished shards retried (`max_restarts` / `max_task_retries`), and the temp
-files a killed writer left are removed at the end. A killed driver leaves a manifest listing only
-finished shards: a rerun keeps those and writes the rest (tests/pipelines/test_pipeline_faults.py).
+restarted and its unfinished shards retried (Ray Data's actor pools default to `max_restarts=-1`,
+`max_task_retries=-1`; passing them through `map_batches` is deprecated), and the temp files a killed
+writer left are removed at the end. A killed driver leaves a manifest listing only finished shards: a
+rerun keeps those and writes the rest (tests/pipelines/test_pipeline_faults.py).
 
 The format is `pipelines/hidden_cache.py`'s (docs/DESIGN.md, "Hidden-state cache format"). Ray is
 imported lazily: Ray reads `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` when first imported, and `main` sets
@@ -472,8 +473,6 @@ def _write_shards(
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=gpus,
-        max_restarts=-1,  # a dead actor is restarted and its shards retried (writes are idempotent)
-        max_task_retries=-1,
     )
     planned = {s.index: s for s in todo}
     progress = _Progress(len(todo), sum(s.records for s in todo), sum(s.tokens for s in todo), log)
