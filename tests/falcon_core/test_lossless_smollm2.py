@@ -1,4 +1,4 @@
-"""Lossless on the real SmolLM2-135M-Instruct: speculative greedy == plain greedy in fp32 over 20
+"""Lossless on the real SmolLM2-135M-Instruct: speculative greedy == plain greedy in fp32 over 12
 MT-Bench prompts x 128 new tokens; in bf16 every divergence is a near-tie (falcon_core/lossless.py)."""
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from falcon_core.target import load_target
 from falcon_core.tree import get_tree
 
 MAX_NEW = 128
+FP32_PROMPTS = 12
+"""fp32 decoding is slow here (~13 s per 128 tokens): 12 prompts keep the suite within its budget; the
+benchmark (`falcon bench`) checks every MT-Bench and GSM8K prompt it runs against plain greedy too."""
 
 
 def greedy(engine: Engine, ids: list[int], speculative: bool) -> tuple[list[int], GenerationStats]:
@@ -56,7 +59,7 @@ def prompts(smollm2_tokenizer) -> list[list[int]]:
 def test_fp32_speculative_equals_plain_on_mtbench(smollm2_path, prompts):
     engine = make_engine(smollm2_path, "fp32")
     taus = []
-    for ids in prompts:
+    for ids in prompts[:FP32_PROMPTS]:
         plain, _ = greedy(engine, ids, speculative=False)
         spec, stats = greedy(engine, ids, speculative=True)
         assert spec == plain

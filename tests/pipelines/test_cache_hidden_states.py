@@ -228,7 +228,13 @@ def test_regenerate_topk_and_malformed_input(
     assert summary.records_read == 6 and summary.records_cached == 3
     assert summary.skipped == {"malformed JSON": 1, "bad role": 1, "unknown format": 1}
     meta = HiddenCacheReader(str(out)).metadata
-    assert meta.regenerate == {"max_new_tokens": 12, "temperature": 0.0, "seed": 0, "batch_size": 1}
+    assert meta.regenerate == {
+        "max_new_tokens": 12,
+        "temperature": 0.0,
+        "seed": 0,
+        "batch_size": 1,
+        "max_answers": None,
+    }
     assert meta.topk == 4
 
     target = load_target(smollm2_path, dtype="bf16")

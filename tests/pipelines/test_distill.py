@@ -153,12 +153,18 @@ def test_ray_job_submit_against_a_local_head(tiny_run, tmp_path):
                 break
             assert head.poll() is None, head.stdout.read() if head.stdout else "ray start exited"
             time.sleep(2)
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "pipelines/distill.py", "--profile", "tiny", "--config", str(cfg_file)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        log = submit.stdout + submit.stderr
+        # the job API answers before the node's job agent is up; until then a submission is refused
+        # with "No available agent" and nothing runs, so it is safe to resubmit (as a user would)
+        for _ in range(30):
+            submit = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                 "python", "pipelines/distill.py", "--profile", "tiny", "--config", str(cfg_file)],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            log = submit.stdout + submit.stderr
+            if submit.returncode == 0 or "No available agent" not in log:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, log[-4000:]
         assert "succeeded" in log and "complete and matching" in log
         card = json.loads((tmp_path / "drafter" / "config.json").read_text())["card"]
