@@ -53,13 +53,13 @@ def test_only_the_cluster_values_differ_from_the_source(render, source, variant_
 
 def test_a_change_to_the_source_reaches_the_manifest(render, source):
     changed = copy.deepcopy(source)
-    changed["applications"][0]["args"]["models"][0]["drafter"] = "models/smollm2-135m-falcon-k2"
+    changed["applications"][0]["args"]["models"][0]["drafter"] = "models/another-drafter"
     gpu = next(v for v in render.VARIANTS if v.name == "gpu")
     text = render.rendered(gpu, changed)
     assert text != gpu.target.read_text()
     doc = yaml.safe_load(text)
     serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
-    assert serve["applications"][0]["args"]["models"][0]["drafter"] == "models/smollm2-135m-falcon-k2"
+    assert serve["applications"][0]["args"]["models"][0]["drafter"] == "models/another-drafter"
     # everything outside the block is kept
     assert text.splitlines()[:18] == gpu.target.read_text().splitlines()[:18]
 
