@@ -88,9 +88,9 @@ class CacheConfig:
     """0: greedy; else sampled with `regen_seed`."""
     regen_seed: int = 0
     regen_batch_size: int = 1
+    """Greedy regeneration: conversations decoded together per batch (see `stages.Regenerator`)."""
     regen_max_answers: int | None = None
     """Keep conversations up to their N-th regenerated answer (None: all turns)."""
-    """Greedy regeneration: conversations decoded together per batch (see `stages.Regenerator`)."""
     num_actors: int = 1
     """Target actors (each loads the model once)."""
     batch_size: int = 8

@@ -309,7 +309,7 @@ class Regenerator:
                 out.append(dict(message))
                 continue
             if answers == self.settings.max_answers:
-                out = out[: max(i for i, m in enumerate(out) if m["role"] == "assistant") + 1]
+                out = _through_last_answer(out)
                 break
             answers += 1
             room = self.max_seq_len - len(chat.prompt_ids(self.engine.tokenizer, out))
@@ -354,7 +354,7 @@ class Regenerator:
                 if cursor[i] >= len(source):
                     continue
                 if sum(m["role"] == "assistant" for m in outs[i]) == self.settings.max_answers:
-                    outs[i] = outs[i][: max(j for j, m in enumerate(outs[i]) if m["role"] == "assistant") + 1]
+                    outs[i] = _through_last_answer(outs[i])
                     cursor[i] = len(source)
                     continue
                 ids = chat.prompt_ids(tok, outs[i])
@@ -374,6 +374,12 @@ class Regenerator:
                 text = tok.decode(ids, skip_special_tokens=True)
                 outs[i].append({"role": "assistant", "content": text})
                 cursor[i] += 1
+
+
+def _through_last_answer(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`messages` up to and including its last assistant message (the conversation has one)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[: last + 1]
 
 
 def _turn_seed(seed: int, record: int, turn: int) -> int:
