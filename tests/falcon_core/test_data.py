@@ -5,14 +5,17 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from itertools import pairwise
 
 import pytest
 
 from falcon_core.data import (
     Conversation,
+    DataNotFoundError,
     ReadStats,
     _iter_json_array,
+    _packaged,
     read_gsm8k,
     read_mtbench,
     read_records,
@@ -182,8 +185,21 @@ def test_gzipped_jsonl_and_parquet(tmp_path):
 def test_unknown_suffix_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="cannot tell the format"):
         read_records(tmp_path / "data.csv")
-    with pytest.raises(FileNotFoundError):
-        read_records(tmp_path / "absent.jsonl")
+    for reader, name in [
+        (read_records, "absent.jsonl"),
+        (read_records, "absent.parquet"),
+        (read_sharegpt, "absent.json"),
+        (read_gsm8k, "absent.jsonl"),
+        (read_mtbench, "absent.jsonl"),
+    ]:
+        with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / name))):
+            reader(tmp_path / name)
+
+
+def test_a_packaged_data_set_that_is_not_installed_says_how_to_install_it():
+    with pytest.raises(DataNotFoundError, match=r"falcon_no_such_package.*bash scripts/setup\.sh"):
+        _packaged("falcon_no_such_package", "data/x.json")
+    assert issubclass(DataNotFoundError, FileNotFoundError)
 
 
 def test_s3_jsonl_json_and_parquet_through_moto(s3_endpoint, tmp_path):
@@ -209,6 +225,8 @@ def test_s3_jsonl_json_and_parquet_through_moto(s3_endpoint, tmp_path):
     assert len(conversations) == 5 and dict(stats.skipped) == {"truncated tail": 1}
     conversations, stats = read_records("s3://falcon-data/chats/c.parquet")
     assert [c.id for c in conversations] == ["r0", "r1", "r2"] and stats.total_skipped == 0
+    with pytest.raises(FileNotFoundError, match=r"falcon-data/chats/absent\.jsonl"):
+        read_records("s3://falcon-data/chats/absent.jsonl")
 
 
 def test_mtbench_questions():

@@ -57,15 +57,16 @@ def test_gguf_path_and_folder_specs_resolve_to_the_same_folder(smollm2_path):
     assert resolve_model(smollm2_path) == smollm2_path
 
 
-def test_real_target_greedy_chat_is_deterministic_and_sensible(smollm2_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_real_target_greedy_chat_is_deterministic_and_sensible(smollm2_path, device):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from falcon_core.chat import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([prompt_ids(tokenizer, PROMPT)])  # (1, T)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16).to(device).eval()
+    ids = torch.tensor([prompt_ids(tokenizer, PROMPT)], device=device)  # (1, T)
     outputs = []
     for _ in range(2):
         with torch.no_grad():
