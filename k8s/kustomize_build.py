@@ -3,7 +3,10 @@
 Supported, with kustomize's meaning (`kubectl kustomize` / `kubectl apply -k` give the same result):
 
 - `resources:` YAML files (one or more documents) inside the kustomization's folder, and folders
-  holding a `kustomization.yaml` (bases; they may lie outside, like `../..`), built recursively;
+  holding a `kustomization.yaml` (bases; they may lie outside, like `../../base`), built
+  recursively. A base folder that contains a kustomization already being built (`../..` from an
+  overlay inside its base) is refused, as kustomize refuses it ("cycle detected"): that is why the
+  base lives in `k8s/base/` beside `k8s/overlays/`;
 - `patches:` with `path:` (a file inside the folder) or inline `patch:`, holding a JSON 6902 patch
   (a list of `add` / `remove` / `replace` / `test` operations) and a `target:` selecting resources by
   `group`, `version`, `kind` and `name` (exact match).
@@ -31,9 +34,10 @@ class KustomizeError(ValueError):
     """A kustomization or patch this subset cannot build (or kustomize itself would refuse)."""
 
 
-def build(folder: str | Path) -> list[dict[str, Any]]:
+def build(folder: str | Path, _visited: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
     """The resources `kustomize build folder` emits, in order."""
     folder = Path(folder).resolve()
+    visited = (*_visited, folder)
     kfile = folder / KUSTOMIZATION
     if not kfile.is_file():
         raise KustomizeError(f"{folder} has no {KUSTOMIZATION}")
@@ -45,7 +49,7 @@ def build(folder: str | Path) -> list[dict[str, Any]]:
         raise KustomizeError(f"{kfile}: kind must be Kustomization")
     docs: list[dict[str, Any]] = []
     for entry in spec.get("resources") or []:
-        docs.extend(_load_resource(folder, entry))
+        docs.extend(_load_resource(folder, entry, visited))
     _check_unique(docs, kfile)
     for i, patch in enumerate(spec.get("patches") or []):
         _apply_patch(folder, patch, docs, f"{kfile} patches[{i}]")
@@ -59,10 +63,16 @@ def _inside(folder: Path, rel: str, what: str) -> Path:
     return path
 
 
-def _load_resource(folder: Path, entry: str) -> list[dict[str, Any]]:
+def _load_resource(folder: Path, entry: str, visited: tuple[Path, ...]) -> list[dict[str, Any]]:
     candidate = (folder / entry).resolve()
     if candidate.is_dir():
-        return build(candidate)
+        inside = [v for v in visited if v.is_relative_to(candidate)]
+        if inside:
+            raise KustomizeError(
+                f"{folder / KUSTOMIZATION}: resource {entry!r}: cycle detected: {candidate} contains "
+                f"{inside[0]}, which is being built (kustomize refuses a base that contains its overlay)"
+            )
+        return build(candidate, visited)
     path = _inside(folder, entry, "resource file")
     if not path.is_file():
         raise KustomizeError(f"{folder / KUSTOMIZATION}: resource {entry!r} does not exist")

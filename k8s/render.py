@@ -59,7 +59,7 @@ class Variant:
 VARIANTS = (
     Variant(
         name="gpu",
-        target=K8S / "rayservice.yaml",
+        target=K8S / "base" / "rayservice.yaml",
         key="serveConfigV2",
         model={
             "device": "cuda",

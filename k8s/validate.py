@@ -1,6 +1,6 @@
 """Offline checks of the KubeRay manifests: `python k8s/validate.py` (exit 1 on any problem).
 
-For the base (`k8s/kustomization.yaml`) and every overlay (`k8s/overlays/*/`), built as kustomize
+For the base (`k8s/base/`) and every overlay (`k8s/overlays/*/`), built as kustomize
 would (`kustomize_build`), every resource is checked for:
 
 1. the CRD schema, strictly: unknown (misspelt) fields, wrong types, bad quantities (`crd_schema`);
@@ -551,9 +551,9 @@ def check_resource(doc: dict[str, Any]) -> list[str]:
 
 
 def targets(k8s_dir: Path = K8S) -> list[Path]:
-    """The base and every overlay folder."""
+    """The base (`base/`) and every overlay folder (`overlays/*/`)."""
     overlays = sorted(p.parent for p in (k8s_dir / "overlays").glob(f"*/{kustomize_build.KUSTOMIZATION}"))
-    return [k8s_dir, *overlays]
+    return [k8s_dir / "base", *overlays]
 
 
 def check_tree(k8s_dir: Path = K8S) -> dict[str, list[str]]:

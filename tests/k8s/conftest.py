@@ -51,15 +51,15 @@ def validate() -> ModuleType:
 @pytest.fixture(scope="session")
 def built(kustomize: ModuleType) -> dict[str, list[dict[str, Any]]]:
     """Every target (base, overlays) built once: folder relative to the repo -> its resources."""
-    folders = [K8S, *sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))]
+    folders = [K8S / "base", *sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))]
     return {str(f.relative_to(REPO)): kustomize.build(f) for f in folders}
 
 
 @pytest.fixture
 def resource(built: dict[str, list[dict[str, Any]]]):
-    """`resource(kind, target="k8s")`: a fresh deep copy of one built resource, free to break."""
+    """`resource(kind, target="k8s/base")`: a fresh deep copy of one built resource, free to break."""
 
-    def get(kind: str, target: str = "k8s") -> dict[str, Any]:
+    def get(kind: str, target: str = "k8s/base") -> dict[str, Any]:
         (doc,) = [d for d in built[target] if d["kind"] == kind]
         return copy.deepcopy(doc)
 

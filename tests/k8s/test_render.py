@@ -66,7 +66,10 @@ def test_a_change_to_the_source_reaches_the_manifest(render, source):
 
 def test_an_invalid_cluster_value_is_refused(render, source):
     bad = render.Variant(
-        name="bad", target=REPO / "k8s" / "rayservice.yaml", key="serveConfigV2", model={"device": "gpu"}
+        name="bad",
+        target=REPO / "k8s" / "base" / "rayservice.yaml",
+        key="serveConfigV2",
+        model={"device": "gpu"},
     )
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         render.cluster_serve_config(source, bad)

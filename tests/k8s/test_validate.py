@@ -48,7 +48,7 @@ def _has(problems: list[str], text: str) -> bool:
 
 def test_every_target_passes_every_check(validate):
     report = validate.check_tree()
-    assert set(report) == {"k8s", "k8s/overlays/cpu-dev", "k8s/overlays/gpu"}
+    assert set(report) == {"k8s/base", "k8s/overlays/cpu-dev", "k8s/overlays/gpu"}
     assert report == {target: [] for target in report}
 
 
@@ -61,7 +61,7 @@ def test_the_command_line_fails_on_a_broken_copy(tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     copy = tmp_path / "k8s"
     shutil.copytree(REPO / "k8s", copy, ignore=shutil.ignore_patterns("__pycache__", "crds"))
-    job = copy / "rayjob-distill.yaml"
+    job = copy / "base" / "rayjob-distill.yaml"
     job.write_text(job.read_text().replace("shutdownAfterJobFinishes:", "shutdownAfterJobFinish:"))
     bad = subprocess.run(
         [sys.executable, "k8s/validate.py", "--k8s", str(copy)],
