@@ -3,7 +3,7 @@
     python pipelines/cache_hidden_states.py --model SPEC --input PATH|GLOB|DIR|s3://...|sharegpt
         --output DIR|s3://... [--max-seq-len 2048] [--max-records N] [--shard-tokens N] [--dtype bf16]
         [--topk N] [--regenerate [--temperature T --seed S --regen-max-new-tokens N]]
-        [--num-actors N] [--batch-size N]
+        [--num-actors N] [--batch-size N] [--gpus-per-actor G]
 
 or, from Python (the distillation driver): `cache_hidden_states(CacheConfig(...)) -> CacheSummary`.
 
@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,13 +445,7 @@ def _write_shards(
 
     from pipelines.stages import ShardSettings, ShardStage
 
-    resources = ray.cluster_resources()
-    gpus = (
-        config.gpus_per_actor
-        if config.gpus_per_actor is not None
-        else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
-    )
-    threads = config.threads_per_actor or max(1, int(resources.get("CPU", 1)) // config.num_actors)
+    resources = actor_resources(config, ray.cluster_resources())
     settings = ShardSettings(
         model_path=str(folder),
         output=config.output,
@@ -460,8 +454,8 @@ def _write_shards(
         topk=config.topk,
         batch_size=config.batch_size,
         batch_tokens=config.batch_tokens,
-        threads=threads,
-        device="cuda" if gpus > 0 else "cpu",
+        threads=resources.threads,
+        device=resources.device,
         regenerate=_regenerate_settings(config),
         storage_options=config.storage_options,
     )
@@ -472,7 +466,7 @@ def _write_shards(
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor,
-        num_gpus=gpus,
+        num_gpus=resources.num_gpus,
     )
     planned = {s.index: s for s in todo}
     progress = _Progress(len(todo), sum(s.records for s in todo), sum(s.tokens for s in todo), log)
@@ -496,6 +490,30 @@ def _write_shards(
         manifest.save(config.output, config.storage_options)
         progress.update(entry.records, entry.tokens, int(row["generated_tokens"]))
     return written
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """What each target actor of the shard stage asks Ray for, and how it runs the target."""
+
+    num_gpus: float
+    """`map_batches(num_gpus=...)`: one GPU per actor when the cluster has GPUs, else 0."""
+    threads: int
+    """torch CPU threads per actor (unused on a GPU)."""
+    device: str
+    """"cuda" when the actor holds a GPU, else "cpu"."""
+
+
+def actor_resources(config: CacheConfig, cluster: Mapping[str, float]) -> ActorResources:
+    """Per-actor resources from the config and `ray.cluster_resources()`: `gpus_per_actor` when set,
+    else 1 GPU per actor where the cluster has one; CPU threads `threads_per_actor`, else the cluster's
+    CPUs shared among the actors."""
+    if config.gpus_per_actor is not None:
+        gpus = config.gpus_per_actor
+    else:
+        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    threads = config.threads_per_actor or max(1, int(cluster.get("CPU", 1)) // config.num_actors)
+    return ActorResources(num_gpus=gpus, threads=threads, device="cuda" if gpus > 0 else "cpu")
 
 
 class _Progress:
@@ -568,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
     p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
     p.add_argument("--threads-per-actor", type=int, default=None)
+    p.add_argument(
+        "--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0"
+    )
     p.add_argument("--render-actors", type=int, default=d.render_actors)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -595,6 +616,7 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
         batch_tokens=max(args.batch_tokens, args.max_seq_len),
         cpus_per_actor=args.cpus_per_actor,
         threads_per_actor=args.threads_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
         render_actors=args.render_actors,
         ray_address=args.ray_address,
         progress=not args.quiet,

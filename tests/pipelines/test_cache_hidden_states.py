@@ -8,6 +8,7 @@ run whose driver is SIGKILLed midway and then rerun, must all end with the clean
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -294,3 +295,52 @@ def test_unusable_output_fails_before_any_work(tmp_path, smollm2_path, capsys):
     (tmp_path / "bad" / MANIFEST_FILE).write_text("{")
     with pytest.raises(CacheOutputError, match="unreadable manifest"):
         check_output(str(tmp_path / "bad"), ours)
+
+
+def test_command_line_flags_of_the_issue_map_onto_the_config():
+    from pipelines.cache_hidden_states import build_parser, config_from_args
+
+    argv = [
+        "--model", "smollm2-135m-instruct", "--input", "s3://corpus/in/part-*.jsonl",
+        "--output", "s3://corpus/cache", "--max-seq-len", "512", "--max-records", "100",
+        "--shard-tokens", "4096", "--dtype", "fp32", "--regenerate", "--temperature", "0.7", "--seed", "3",
+        "--num-actors", "2", "--batch-size", "4", "--gpus-per-actor", "1",
+    ]  # fmt: skip
+    c = config_from_args(build_parser().parse_args(argv))
+    assert (c.model, c.input, c.output) == (argv[1], argv[3], argv[5])
+    assert (c.max_seq_len, c.max_records, c.shard_tokens, c.dtype) == (512, 100, 4096, "fp32")
+    assert (c.regenerate, c.regen_temperature, c.regen_seed) == (True, 0.7, 3)
+    assert (c.num_actors, c.batch_size, c.gpus_per_actor) == (2, 4, 1.0)
+    d = config_from_args(build_parser().parse_args(["--input", "in.jsonl", "--output", "out"]))
+    defaults = (d.max_seq_len, d.max_records, d.dtype, d.regenerate, d.regen_temperature)
+    assert defaults == (2048, None, "bf16", False, 0.0)
+
+
+def test_one_gpu_per_target_actor_where_the_cluster_has_gpus():
+    from pipelines.cache_hidden_states import ActorResources, actor_resources
+
+    c = CacheConfig(input="in.jsonl", output="out", num_actors=2)
+    assert actor_resources(c, {"CPU": 16.0, "GPU": 2.0}) == ActorResources(1.0, 8, "cuda")
+    assert actor_resources(c, {"CPU": 2.0}) == ActorResources(0.0, 1, "cpu")
+    forced = dataclasses.replace(c, gpus_per_actor=0.0, threads_per_actor=3)
+    assert actor_resources(forced, {"CPU": 16.0, "GPU": 2.0}) == ActorResources(0.0, 3, "cpu")
+
+
+def test_progress_lines_and_final_summary():
+    from pipelines.cache_hidden_states import CacheSummary, _Progress
+
+    lines: list[str] = []
+    progress = _Progress(shards=4, records=40, tokens=4000, log=lines.append)
+    progress.start -= 10.0  # as if the first shard took 10 s
+    progress.update(records=10, tokens=1000, generated=0)
+    assert lines[-1] == "shard 1/4: records 10/40 (1.0/s), tokens 1000/4000 (100/s), ETA 0m30s"
+
+    summary = CacheSummary(
+        output="out", records_read=53, records_cached=48, skipped={"malformed JSON": 3, SKIP_NO_ASSISTANT: 2},
+        tokens_cached=12345, bytes_cached=2_500_000, shards=3, shards_written=2, tokens_written=8000,
+        bytes_written=1_600_000, seconds=12.0, shard_seconds=8.0,
+    )  # fmt: skip
+    text = summary.format()
+    assert f"records read 53, cached 48, skipped: 3 x malformed JSON, 2 x {SKIP_NO_ASSISTANT}" in text
+    assert "tokens cached 12345, 2.5 MB in 3 shards" in text
+    assert "2 shards written (1 kept), 8000 tokens, 1.6 MB, 1000 tokens/s over 8.0 s" in text

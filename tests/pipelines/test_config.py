@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import typing
 
 import pytest
 
@@ -61,3 +64,36 @@ def test_unknown_yaml_keys_are_refused(tmp_path):
     f.write_text("train:\n  learning_rate: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown config keys \['train.learning_rate'\]"):
         parse_config(["--config", str(f)])
+
+
+def _another_value(tp, default):
+    """A valid value of annotation `tp` other than `default`, as plain (JSON / YAML) data."""
+    choices = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return next(c for c in choices if c != default)
+    if typing.get_origin(tp) is tuple:
+        return [x / 2 for x in default]
+    base = next((a for a in choices if a is not type(None)), tp)  # `X | None` -> X
+    if base is bool:
+        return not default
+    if base is int:
+        return 1 if default is None else default + 1
+    if base is float:
+        return default + 0.25
+    return "elsewhere"
+
+
+def test_every_field_is_overridden_by_its_own_command_line_option():
+    defaults = DistillConfig().to_dict()
+    paths = field_paths()
+    assert {p.split(".")[0] for p in paths} >= {"target", "data", "drafter", "objective", "train", "ray",
+                                                "eval", "output"}  # fmt: skip
+    for path, tp in paths.items():
+        *sections, leaf = path.split(".")
+        default = functools.reduce(dict.__getitem__, sections, defaults)[leaf]
+        value = _another_value(tp, default)
+        argv = [f"--{path}", json.dumps(value)]
+        if path == "train.deepspeed":  # DeepSpeed clips by norm only (a cross-field check)
+            argv += ["--train.grad_clip_mode", "norm"]
+        got = functools.reduce(dict.__getitem__, sections, parse_config(argv).to_dict())[leaf]
+        assert got == value != default, (path, got)

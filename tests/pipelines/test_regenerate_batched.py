@@ -48,3 +48,30 @@ def test_max_answers_keeps_conversations_up_to_the_nth_answer(smollm2_path, smol
         assert got[0] == got[1] and got[0][1]["content"] != "x"
     with pytest.raises(ValueError, match="max_answers"):
         RegenerateSettings(max_answers=0)
+
+
+@pytest.mark.slow
+def test_sampled_regeneration_is_reproducible_from_its_seed(smollm2_path, smollm2_tokenizer):
+    """`--regenerate --temperature T --seed S`: a record's answers are a function of (seed, record, turn)."""
+    engine = Engine(load_target(smollm2_path, dtype="bf16"), smollm2_tokenizer)
+    conversation = [
+        {"role": "user", "content": "Write one sentence about the sea."}, {"role": "assistant", "content": "w"},
+        {"role": "user", "content": "And one about the sky."}, {"role": "assistant", "content": "v"},
+    ]  # fmt: skip
+
+    def regenerate(seed: int, record: int, temperature: float = 1.0) -> list[dict[str, str]]:
+        settings = RegenerateSettings(max_new_tokens=12, temperature=temperature, seed=seed)
+        return Regenerator(engine, settings, max_seq_len=256)(conversation, record)
+
+    sampled = regenerate(seed=1, record=5)
+    assert regenerate(seed=1, record=5) == sampled  # same seed, same record: the same answers
+    assert [m["role"] for m in sampled] == [m["role"] for m in conversation]
+    assert sampled[::2] == conversation[::2]  # user turns kept
+    others = [regenerate(seed=2, record=5), regenerate(seed=3, record=5), regenerate(seed=1, record=6)]
+    assert any(o != sampled for o in others)  # the seed and the record number drive the draws
+    greedy = regenerate(seed=1, record=5, temperature=0.0)
+    assert any(s != greedy for s in [sampled, *others])  # sampling, not greedy decoding
+    # in a batch (`many`, as a shard actor calls it) a record's answers do not depend on its neighbours
+    settings = RegenerateSettings(max_new_tokens=12, temperature=1.0, seed=1, batch_size=4)
+    batched = Regenerator(engine, settings, max_seq_len=256)
+    assert batched.many([conversation, conversation], [6, 5]) == [others[2], sampled]
