@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from falcon_core.drafter import Drafter, DrafterConfig
+from falcon_core.drafter import Drafter, DrafterConfig, check_draft_vocab
 from falcon_core.target import DTYPES, TargetConfig
 
 FORMAT = "falcon-drafter"
@@ -243,5 +243,13 @@ def load_drafter(
     ]
     if wrong:
         raise ValueError(f"{weights} has tensors of the wrong shape: {wrong}")
+    if config.draft_vocab_size:
+        ids = state["draft_vocab"]
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{weights}: draft_vocab must hold integer token ids, got {ids.dtype}")
+        try:
+            check_draft_vocab(ids, config.draft_vocab_size, config.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"{weights}: {e}") from e
     drafter.load_state_dict(state, strict=True)
     return DrafterCheckpoint(drafter.to(device=device, dtype=DTYPES[dtype]), config, identity, card)

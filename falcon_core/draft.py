@@ -201,6 +201,13 @@ class SARDrafter:
         self.k = plan.k
         self.cache: KVCache = drafter.new_cache(max_context + plan.scratch_rows)
         self.max_context = max_context
+        self.vocab_size = target.lm_head.weight.shape[0]
+        self.head_ids: torch.Tensor | None = None
+        """(n,) long: the drafter's draft vocabulary (row j of `head` is token head_ids[j]); None: all."""
+        self.head = target.lm_head.weight  # (V or n, H)
+        if drafter.config.draft_vocab_size:
+            self.head_ids = drafter.draft_vocab.to(self.head.device)
+            self.head = self.head[self.head_ids].contiguous()  # (n, H): read once per pass, not V rows
 
     def propose(
         self,
@@ -263,16 +270,21 @@ class SARDrafter:
         generator: torch.Generator | None,
     ) -> None:
         """Pick the tokens of `nodes` from the distributions of output rows `first_row + [0, R)`."""
-        logits = self.target.lm_head(out).float()  # (R, V)
+        logits = torch.nn.functional.linear(out, self.head).float()  # (R, V'), V' = V or n
+        ids = self.head_ids
         rows = self.plan.node_row[nodes] - first_row  # (n_p,)
         ranks = self.plan.node_rank[nodes]  # (n_p,)
         m = self.plan.max_rank + 1
         if params.greedy:
             top = logits.topk(m, dim=-1).indices  # (R, m)
-            node_tokens[nodes] = top[rows, ranks]
+            node_tokens[nodes] = top[rows, ranks] if ids is None else ids[top[rows, ranks]]
             return
-        probs = logits_to_probs(logits, params)  # (R, V)
-        probs_rows.append(probs)
+        probs = logits_to_probs(logits, params)  # (R, V')
+        if ids is None:
+            probs_rows.append(probs)
+        else:  # q over the whole vocabulary, zero outside the draft vocabulary (still lossless)
+            full = probs.new_zeros(probs.shape[0], self.vocab_size)  # (R, V)
+            probs_rows.append(full.index_copy_(1, ids, probs))
         # Siblings share a parent and a row; each parent draws its children without replacement
         # (Gumbel-top-m), independently of every other parent; the j-th child in rank order takes draw j.
         parents = self.plan.node_parent[nodes]  # (n_p,)
@@ -283,4 +295,5 @@ class SARDrafter:
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))  # (U, V)
         keys = probs[parent_rows].log() + gumbel  # (U, V)
         order = keys.topk(m, dim=-1).indices  # (U, m)
-        node_tokens[nodes] = order[parent_slot, self.plan.node_sibling[nodes]]
+        picked = order[parent_slot, self.plan.node_sibling[nodes]]  # (n_p,)
+        node_tokens[nodes] = picked if ids is None else ids[picked]

@@ -54,6 +54,10 @@ class DrafterConfig:
     fusion: Literal["linear", "lstm"] = "linear"
     attention_bias: bool = False
     """Bias on q/k/v, as the target (Qwen2), so a target layer can initialise the drafter's."""
+    draft_vocab_size: int = 0
+    """0: drafts come from the whole vocabulary. n > 0: from the n token ids of the `draft_vocab` buffer
+    (frequency-ranked, as FR-Spec and EAGLE-3 do), so each drafter pass reads n rows of the target's
+    lm_head instead of V. Verification still uses the whole vocabulary: output is unchanged."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -78,6 +82,10 @@ class DrafterConfig:
             raise ValueError(f"fusion must be 'linear' or 'lstm', got {self.fusion!r}")
         if self.max_position_embeddings < 1:
             raise ValueError(f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be in [0, vocab_size={self.vocab_size}], got {self.draft_vocab_size}"
+            )
 
     @classmethod
     def from_target(cls, target: TargetConfig, **overrides: Any) -> DrafterConfig:
@@ -124,6 +132,18 @@ class DrafterConfig:
         )
 
 
+def check_draft_vocab(ids: torch.Tensor, n: int, vocab_size: int) -> None:
+    """Raise ValueError unless ids (n,) are n distinct token ids in [0, vocab_size)."""
+    if ids.dim() != 1 or ids.numel() != n:
+        raise ValueError(f"draft vocabulary must hold {n} ids, got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"draft vocabulary ids must be in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]"
+        )
+    if torch.unique(ids).numel() != n:
+        raise ValueError("draft vocabulary ids must be distinct")
+
+
 class PositionwiseLSTM(nn.Module):
     """A stacked LSTM applied to each position alone (length-1 sequence, zero state): gates i, g, o."""
 
@@ -157,6 +177,18 @@ class Drafter(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        if config.draft_vocab_size:
+            # (n,) long, ascending token ids; saved with the weights. Filled by `set_draft_vocab`.
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Fill the `draft_vocab` buffer with ids (n,): distinct token ids in [0, V), n = draft_vocab_size."""
+        n, V = self.config.draft_vocab_size, self.config.vocab_size
+        if not n:
+            raise ValueError("this drafter has draft_vocab_size = 0: it drafts from the whole vocabulary")
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        check_draft_vocab(ids, n, V)
+        self.draft_vocab.copy_(ids.sort().values.to(self.draft_vocab.device))
 
     def new_cache(self, max_rows: int, batch: int = 1) -> KVCache:
         """A zeroed cache for `max_rows` rows in the drafter's dtype and device."""

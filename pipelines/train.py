@@ -222,18 +222,26 @@ class Worker:
         # 2. frozen target pieces, the drafter, the training head
         target = load_target(job.target_folder, dtype="fp32", device="cpu")
         self.target_config: TargetConfig = target.config
+        self.embed = target.embed.weight.detach().to(self.device)  # (V, H)
+        lm_head = target.lm_head.weight.detach().to(self.device)  # (V, H)
+        self.full_head = TokenHead.build(lm_head)
+        self.head = self._training_head(lm_head, o.vocab_subset)
+        # A drafter trained over a vocabulary subset drafts from it (its draft vocabulary, FR-Spec style).
+        subset = self.head is not self.full_head
         self.drafter_config = DrafterConfig.from_target(
-            target.config, block_size=self.K, num_layers=cfg.drafter.num_layers, fusion=cfg.drafter.fusion
+            target.config,
+            block_size=self.K,
+            num_layers=cfg.drafter.num_layers,
+            fusion=cfg.drafter.fusion,
+            draft_vocab_size=self.head.ids.numel() if subset else 0,
         )
         torch.manual_seed(t.seed)
         drafter = Drafter(self.drafter_config)
+        if subset:
+            drafter.set_draft_vocab(self.head.ids.cpu())
         if cfg.drafter.init_from_layer is not None:
             drafter.init_from_target_layer(target, cfg.drafter.init_from_layer % target.config.num_layers)
-        self.embed = target.embed.weight.detach().to(self.device)  # (V, H)
-        lm_head = target.lm_head.weight.detach().to(self.device)  # (V, H)
         del target
-        self.full_head = TokenHead.build(lm_head)
-        self.head = self._training_head(lm_head, o.vocab_subset)
         self.drafter = drafter.to(self.device)
 
         # 3. optimisation
@@ -329,7 +337,10 @@ class Worker:
             card = {"steps": self.step, "epoch": metrics.get("epoch"), "objective": self._objective_name()}
             drafter = Drafter(self.drafter_config)
             drafter.load_state_dict(
-                {k: v.detach().float().cpu() for k, v in self.drafter.state_dict().items()}
+                {
+                    k: (v.float() if v.is_floating_point() else v).detach().cpu()
+                    for k, v in self.drafter.state_dict().items()
+                }
             )
             save_drafter(folder / DRAFTER_DIR, drafter, self.drafter_config, self.identity, card)
             (folder / PROGRESS_FILE).write_text(json.dumps({"step": self.step, **metrics}, indent=2) + "\n")
