@@ -12,7 +12,8 @@ counter's name in the exposition, as vLLM's do), labelled by `model_name`:
 Request metrics (vLLM's names where vLLM has one): `e2e_request_latency_seconds`,
 `time_to_first_token_seconds`, `request_queue_time_seconds` (waiting for a busy engine),
 `request_decode_tokens_per_second` (tokens after the first / time after the first), token counters,
-finished requests by finish reason, error responses by status, and requests in flight.
+finished requests by finish reason, error responses by status, requests re-sent after a lost
+replica (`request_retries`), and requests in flight.
 
 The counts are recorded by the router from the `GenerationStats` each request returns, so one registry
 sees every engine replica. Each `ServeMetrics` has its own registry (no global state).
@@ -105,6 +106,12 @@ class ServeMetrics:
             "request_success", "Finished requests by finish reason.", [*m, "finished_reason"], registry=r
         )
         self.errors = Counter("request_errors", "Error responses by HTTP status.", ["status"], registry=r)
+        self.retries = Counter(
+            "request_retries",
+            "Requests re-sent after their engine replica was lost before any output reached the client.",
+            m,
+            registry=r,
+        )
         self.running = Gauge("num_requests_running", "Requests in flight at the router.", m, registry=r)
 
     def record(self, rec: RequestRecord) -> None:

@@ -10,6 +10,13 @@ for the engine's first chunk, so a prompt the engine refuses (over the context, 
 is a plain 400 even when `stream: true`. A client that goes away mid-stream cancels the handle call,
 which stops the decode loop in the replica at its next step.
 
+A replica that dies (or becomes unreachable) while it holds a request is retried once, on another or a
+replacement replica, as long as nothing of that request has reached the client: before the first chunk
+(stream or not), and for a non-streamed request at any point, since its body is sent only at the end.
+Generation has no side effects, so re-sending it is safe; one retry bounds the harm of a request that
+itself kills replicas. A stream that already sent text ends with a JSON error event and `[DONE]`; a
+request whose retry fails too gets a 503. Retries are counted in `/metrics` (`request_retries`).
+
 `build_app(args)` is the builder that `import_path: deploy.router:build_app` names in a Serve config.
 """
 
@@ -18,13 +25,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -60,6 +67,9 @@ logger = logging.getLogger("ray.serve")
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for `/v1/completions`."""
 
+ENGINE_RETRIES = 1
+"""Times a request is re-sent after its engine replica died before any of it reached the client."""
+
 app = FastAPI(title="Falcon speculative decoding", docs_url=None, redoc_url=None)
 
 
@@ -83,12 +93,31 @@ async def _unexpected_error(_: Request, err: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
-class GenerationRun:
-    """One request's chunk stream from an engine replica, with its timings; records metrics when done."""
+class EngineLost(OpenAIError):
+    """The replica holding the request died or is unreachable (a 503; retryable while nothing was sent)."""
 
-    def __init__(self, model: str, gen: DeploymentResponseGenerator, arrived: float, metrics: ServeMetrics):
+    def __init__(self, err: RayActorError) -> None:
+        super().__init__(503, f"the engine is unavailable: {type(err).__name__}", type="server_error")
+
+
+class GenerationRun:
+    """One request's chunk stream from an engine replica, with its timings; records metrics when done.
+
+    `call()` sends the request to a replica (a new `handle.stream.remote(...)`); it is called again, at
+    most `retries` times, when the replica is lost before anything reached the client."""
+
+    def __init__(
+        self,
+        model: str,
+        call: Callable[[], DeploymentResponseGenerator],
+        arrived: float,
+        metrics: ServeMetrics,
+        retries: int = ENGINE_RETRIES,
+    ):
         self.model = model
-        self.gen = gen
+        self.call = call
+        self.gen = call()
+        self.retries_left = retries
         self.arrived = arrived
         self.metrics = metrics
         self.first: EngineChunk | None = None
@@ -99,8 +128,14 @@ class GenerationRun:
         self.stats: GenerationStats | None = None
 
     async def start(self) -> None:
-        """Wait for the first chunk; an engine refusal becomes an `OpenAIError`."""
-        first = await self._next()
+        """Wait for the first chunk; an engine refusal becomes an `OpenAIError`. A lost replica is
+        retried (nothing has reached the client yet)."""
+        while True:
+            try:
+                first = await self._next()
+                break
+            except EngineLost as err:
+                self._resend(err)
         if first is None:
             raise OpenAIError(500, "the engine ended the request without output", type="server_error")
         self.ttft = time.perf_counter() - self.arrived
@@ -127,7 +162,25 @@ class GenerationRun:
                 self.gen.cancel()
 
     async def collect(self) -> str:
-        return "".join([c.text async for c in self.chunks()])
+        """The whole text, for a non-streamed response: nothing reaches the client before the end, so a
+        replica lost mid-generation sends the request again from the start (within the retry budget)."""
+        while True:
+            try:
+                return "".join([c.text async for c in self.chunks()])
+            except EngineLost as err:
+                self._resend(err)
+                await self.start()
+
+    def _resend(self, err: EngineLost) -> None:
+        """Send the request again after `err` (its replica is lost), or raise `err` when out of retries."""
+        self.gen.cancel()
+        if self.retries_left <= 0:
+            raise err
+        self.retries_left -= 1
+        self.metrics.retries.labels(self.model).inc()
+        logger.warning("engine replica lost before the client got any output (%s); re-sending", err.message)
+        self.first, self.completion_tokens = None, 0
+        self.gen = self.call()
 
     def usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, self.completion_tokens)
@@ -139,6 +192,9 @@ class GenerationRun:
             return None
         except BackPressureError as err:
             raise OpenAIError(429, f"the server is at capacity: {err}", type="rate_limit_error") from None
+        except RayActorError as err:  # ActorDiedError, ActorUnavailableError: the replica is gone
+            logger.warning("engine replica lost: %r", err)
+            raise EngineLost(err) from None
         except (RayError, RayServeException) as err:
             logger.error("engine call failed: %r", err)
             raise OpenAIError(
@@ -363,7 +419,7 @@ class FalconRouter:
 
     async def _start(self, model: ModelConfig, req: EngineRequest, arrived: float) -> GenerationRun:
         handle = self.engines[model.name].options(stream=True)
-        run = GenerationRun(model.name, handle.stream.remote(req), arrived, self.metrics)
+        run = GenerationRun(model.name, lambda: handle.stream.remote(req), arrived, self.metrics)
         try:
             await run.start()
         except BaseException:  # refused, failed, or the client left while the request queued
