@@ -1,5 +1,6 @@
 """`falcon serve --config deploy/serve_config.yaml` end to end: the shipped config (only the port moved),
-its own local Ray, a chat request, the API key from the environment, a clean stop on SIGINT."""
+its own local Ray, a chat request, the API key from the environment, greedy text over HTTP equal to
+`falcon generate`'s (same target, drafter, tree, dtype and one thread), a clean stop on SIGINT."""
 
 from __future__ import annotations
 
@@ -74,6 +75,30 @@ def test_falcon_serve_runs_the_shipped_config(tmp_path: Path) -> None:
             model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
         )
         assert reply.usage.completion_tokens >= 1 and reply.choices[0].message.content
+
+        # Greedy text over HTTP == `falcon generate`'s with the served model's settings (speculative, bf16).
+        served = raw["applications"][0]["args"]["models"][0]
+        question, n = "What is the capital of France?", 24
+        http_reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": question}], max_tokens=n, temperature=0
+        )
+        gen = [sys.executable, "-m", "falcon_core.cli", "generate", "--prompt", question, "--json"]
+        gen += ["--model", served["model"], "--drafter", str(PROJECT_ROOT / served["drafter"])]
+        gen += [
+            "--tree",
+            served["tree"],
+            "--dtype",
+            served["dtype"],
+            "--threads",
+            str(served["torch_threads"]),
+        ]
+        gen += ["--max-new-tokens", str(n)]
+        out = subprocess.run(gen, env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        (record,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        assert record["stats"]["speculative_steps"] > 0  # the drafter was used, as in the replica
+        assert http_reply.choices[0].message.content == record["text"]
+        assert http_reply.usage.completion_tokens == len(record["token_ids"])
     finally:
         proc.send_signal(signal.SIGINT)
         try:
