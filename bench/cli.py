@@ -4,6 +4,7 @@
         --methods vanilla,hf,hf-pld,eagle,falcon --max-new-tokens 256 --out bench/results/run
     falcon bench tree-fit --drafter models/smollm2-135m-falcon-k2 ...   (see bench/tree_fit.py)
     falcon bench learning-curve --drafter DIR [--drafter DIR ...] --out DIR   (bench/learning_curve.py)
+    falcon bench trajectory-tau --drafter A --drafter B --tree chain-4 ...   (bench/trajectory_tau.py)
 
 `--prompts`: `mtbench` (MT-Bench's 80 questions), `gsm8k` (the GSM8K test split) or a JSONL file
 (MT-Bench `turns`, `prompt` or `messages`; `falcon_core.data.read_prompts`); repeat it for several
@@ -83,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.tree_fit import main as tree_fit_main
 
         return tree_fit_main(argv[1:])
+    if argv[:1] == ["trajectory-tau"]:
+        from bench.trajectory_tau import main as trajectory_tau_main
+
+        return trajectory_tau_main(argv[1:])
     if argv[:1] == ["learning-curve"]:
         from bench.learning_curve import main as learning_curve_main
 

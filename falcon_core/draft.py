@@ -208,6 +208,11 @@ class SARDrafter:
         if drafter.config.draft_vocab_size:
             self.head_ids = drafter.draft_vocab.to(self.head.device)
             self.head = self.head[self.head_ids].contiguous()  # (n, H): read once per pass, not V rows
+        if self.head.shape[0] < plan.max_rank + 1:
+            raise ValueError(
+                f"tree {plan.tree.name!r} drafts {plan.max_rank + 1} candidates per node but the drafter "
+                f"chooses from {self.head.shape[0]} tokens"
+            )
 
     def propose(
         self,
