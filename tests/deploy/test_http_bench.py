@@ -39,8 +39,14 @@ def test_bench_config_pins_replicas_and_stays_a_valid_serve_config() -> None:
 def test_verdict_one_by_one_when_throughput_is_flat_and_requests_queue() -> None:
     busy = replace(CELL, concurrency=4, tokens_per_s=10.5, queue_mean_s=3.5, latency_mean_s=6.0)
     assert batching_verdict([CELL, busy])["verdict"].startswith("one by one")
+    # The machine got quieter during the 4-client run: more tokens/s, still queued and undiluted.
+    quieter = replace(busy, tokens_per_s=14.0, decode_tokens_per_s_mean=14.0)
+    assert batching_verdict([CELL, quieter])["verdict"].startswith("one by one")
     batched = replace(CELL, concurrency=4, tokens_per_s=30.0, queue_mean_s=0.0)
     assert batching_verdict([CELL, batched])["verdict"].startswith("concurrent")
+    # Time-sliced: requests start at once and each decodes at a quarter of the lone rate.
+    sliced = replace(CELL, concurrency=4, queue_mean_s=3.0, decode_tokens_per_s_mean=2.6)
+    assert batching_verdict([CELL, sliced])["verdict"].startswith("concurrent")
     assert batching_verdict([CELL])["verdict"].startswith("not measured")
 
 
