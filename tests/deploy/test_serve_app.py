@@ -200,6 +200,12 @@ def test_stop_strings_and_seeded_sampling(served: Served) -> None:
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1]
+    # top_k = 1 leaves only the greedy token to sample, whatever the temperature and seed.
+    ref6 = served.engine_bf16.generate(prompt=PROMPT, max_new_tokens=6)
+    top1 = client.completions.create(
+        model="plain-test", prompt=PROMPT, max_tokens=6, temperature=1.5, seed=5, extra_body={"top_k": 1}
+    )
+    assert top1.choices[0].text == ref6.text
 
 
 def test_chat_speculative_greedy_equals_plain_engine(served: Served) -> None:
@@ -262,6 +268,16 @@ def test_metrics_move_after_requests(served: Served) -> None:
     assert delta("generation_tokens_total") == 6
     assert 0 < delta("time_to_first_token_seconds_sum") <= delta("e2e_request_latency_seconds_sum")
     assert ("spec_decode_num_accepted_tokens_per_pos_total", (*lab, ("position", "0"))) in after
+    assert delta("request_decode_tokens_per_second_count") == 1
+
+    # Speculation turned off for one request: tokens move, the spec-decode counters do not.
+    before = after
+    served.client().completions.create(
+        model="falcon-test", prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"speculative": False}
+    )
+    after = served.metrics()
+    assert delta("generation_tokens_total") == 6 and delta("e2e_request_latency_seconds_count") == 1
+    assert delta("spec_decode_num_drafts_total") == delta("spec_decode_num_draft_tokens_total") == 0
 
 
 def _error(status_body: tuple[int, bytes]) -> tuple[int, dict]:
