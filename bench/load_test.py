@@ -24,9 +24,11 @@ Terms (both phases):
 
 Fault phase: `--fault-clients` threads send streamed and unary requests in a loop; after `--kill-after-s`
 one engine replica's actor is killed (`ray.kill`, found by its Serve actor name in namespace `serve`).
-Measured: how the requests in flight at the kill ended (ok / clean error / hang / broken), how long until
-`serve.status()` shows the deployment's replicas RUNNING again with a new replica (recovery time), the
-requests sent during recovery, and a burst of requests after recovery, which must all succeed.
+Measured: how the requests in flight at the kill ended (ok / clean error / hang / broken), how many the
+router re-sent because their replica died before any output reached the client (its `request_retries`
+counter), how long until `serve.status()` shows the deployment's replicas RUNNING again with a new
+replica (recovery time), the requests sent during recovery, and a burst of requests after recovery, which
+must all succeed.
 
 Results go to `bench/results/load_test-<time>.json` and `.md`.
 """
@@ -340,6 +342,20 @@ def wait_until(cond: Callable[[], bool], timeout_s: float, poll_s: float = 0.25)
     return None
 
 
+def router_counter(url: str, name: str, model: str) -> float:
+    """A counter of the router's `/metrics` for `model` (e.g. `request_retries_total`); 0 when absent."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url + "/metrics", timeout=60) as r:
+        families = text_string_to_metric_families(r.read().decode())
+    values = [
+        s.value for f in families for s in f.samples if s.name == name and s.labels.get("model_name") == model
+    ]
+    return values[0] if values else 0.0
+
+
 def run_fault(
     url: str,
     model: str,
@@ -365,6 +381,7 @@ def run_fault(
             with lock:
                 outcomes.append(o)
 
+    retries_before = router_counter(url, "request_retries_total", model)
     threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in specs]
     for t in threads:
         t.start()
@@ -383,6 +400,7 @@ def run_fault(
     for t in threads:
         t.join(timeout=bound_s + 10)
     still_running = sum(t.is_alive() for t in threads)
+    retried = router_counter(url, "request_retries_total", model) - retries_before
     after = run_load(url, model, [[s] for s in specs], bound_s) if recovery_s is not None else None
     with lock:
         done = list(outcomes)
@@ -397,6 +415,7 @@ def run_fault(
         "clients_stuck_after_recovery": still_running,
         "in_flight_at_kill": _counts(in_flight),
         "in_flight_errors": [f"{o.status}: {o.error}" for o in in_flight if o.verdict != "ok"],
+        "retried_by_router": int(retried),
         "sent_during_recovery": _counts(during),
         "all_requests": _counts(done),
         "latency_max_s": max((o.latency_s for o in done), default=0.0),
@@ -470,6 +489,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {a['broken']} |"
             )
         lines += ["", f"Longest request in the fault phase: {fault['latency_max_s']:.1f} s"]
+        if "retried_by_router" in fault:
+            lines += [
+                "",
+                f"Re-sent by the router (replica lost before any output reached the client): "
+                f"{fault['retried_by_router']}",
+            ]
         if fault["in_flight_errors"]:
             lines += [
                 "",
