@@ -252,11 +252,12 @@ def one_replica_url(url: str, tiny_serving_model: Path) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_replica_lost_before_output_reached_the_client_is_retried(one_replica_url: str) -> None:
-    """The only replica is killed (`ray.kill`) twice: (1) while it streams request A and holds B (unary)
-    and C (streamed) queued: A, which has sent text, ends with the JSON error event; B and C, which had
-    sent nothing, are re-sent and complete on the replacement, B with the reference text; (2) while it
-    decodes a non-streamed request D: D is re-sent from the start and returns the reference text."""
-    from openai import APIError, OpenAI
+    """The only replica is killed (`ray.kill`): (1) while it streams request A and holds B (unary) and C
+    (streamed) queued: A, which has sent text, ends with the JSON error event; B and C, which had sent
+    nothing, are re-sent and complete on the replacement, B with the reference text; (2) while it decodes
+    a non-streamed request D: D is re-sent from the start and returns the reference text; (3) twice
+    while E decodes: one retry only, so E gets a 503 with an OpenAI error body."""
+    from openai import APIError, InternalServerError, OpenAI
 
     client = OpenAI(base_url=one_replica_url + "/v1", api_key="unused", max_retries=0, timeout=BOUND_S * 3)
     long_tokens = 2000
@@ -321,4 +322,27 @@ def test_replica_lost_before_output_reached_the_client_is_retried(one_replica_ur
     assert results.get("D") == ref_d, results.get("D")
     assert _router_metric(one_replica_url, "request_retries_total") - retries_before == 3
     assert _router_metric(one_replica_url, "num_requests_running") == 0
-    assert running_replicas(ONE_APP, DEPLOYMENT) == 1
+
+    # (3) One retry only: E's replica is killed while E decodes, then its replacement too -> a 503.
+    def retries() -> float:
+        return _router_metric(one_replica_url, "request_retries_total") - retries_before
+
+    def decoding() -> bool:
+        return _router_metric(one_replica_url, "num_requests_running") == 1
+
+    e = threading.Thread(target=run, args=("E", lambda: unary(PROMPTS[3])))
+    e.start()
+    for kill in range(2):
+        assert wait_until(decoding, 120, 0.05) is not None, f"E never (re)started decoding before kill {kill}"
+        (victim,) = replica_actor_names(ONE_APP, DEPLOYMENT)
+        kill_replica(victim)
+        if kill == 0:
+            assert wait_until(lambda: retries() == 4, 30, 0.05) is not None, "E was not re-sent"
+    e.join(timeout=BOUND_S * 2)
+    err = results.get("E")
+    assert isinstance(err, InternalServerError) and err.status_code == 503, err
+    assert err.body["code"] is None and "the engine is unavailable" in err.body["message"], err.body
+    assert retries() == 4
+    assert wait_until(lambda: running_replicas(ONE_APP, DEPLOYMENT) == 1, 120) is not None
+    assert unary(PROMPTS[3]) == ref_d  # and the deployment serves again
+    assert _router_metric(one_replica_url, "num_requests_running") == 0
