@@ -41,6 +41,31 @@ def test_record_split_is_contiguous_per_rank_with_the_tail_held_out():
         RecordSplit.build(10, 0, 2).steps_per_epoch(6)
 
 
+def test_a_rank_reads_only_the_shards_its_records_lie_in(tmp_path, monkeypatch):
+    from pipelines.hidden_cache import HiddenCacheReader
+    from pipelines.train import read_records
+    from tests.pipelines.test_hidden_cache import _records, _write_cache
+
+    shards = [_records([5, 6, 7], seed=s) for s in range(4)]  # records 0-2, 3-5, 6-8, 9-11
+    _write_cache(str(tmp_path), shards)
+    reader = HiddenCacheReader(str(tmp_path))
+    opened: list[int] = []
+    read_shard = reader.read_shard
+
+    def counted(i: int):
+        opened.append(i)
+        return read_shard(i)
+
+    monkeypatch.setattr(reader, "read_shard", counted)
+    split = RecordSplit.build(12, heldout=2, world=2)  # ranks: records 0-4 and 5-9; held out: 10-11
+    got = read_records(reader, split.ranges[1], max_len=6)
+    assert opened == [1, 2, 3]  # record 5 lies in shard 1, record 9 in shard 3; shard 0 is not read
+    expected = [r for s in shards for r in s][5:10]
+    assert [r.input_ids.tolist() for r in got] == [r.input_ids[:6].tolist() for r in expected]
+    opened.clear()
+    assert len(read_records(reader, split.ranges[0], max_len=64)) == 5 and opened == [0, 1]
+
+
 def test_epoch_batches_are_a_deterministic_function_of_the_seed():
     lengths = [5, 50, 7, 30, 12, 44, 9, 21, 18, 3, 60]
     a = epoch_batches(lengths, 2, 5, 2, seed=11)
@@ -309,3 +334,29 @@ def test_deepspeed_zero2_on_cpu_trains_checkpoints_to_s3_and_resumes(small_cache
         assert any(not torch.equal(w3[k], w5[k]) for k in w3)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_no_csgd_run_validates_every_epoch_with_heldout_top1_and_decoded_tau(small_cache, tmp_path):
+    """`--no-csgd` (the EAGLE-style ablation) end to end, with validation at each epoch's end inside the
+    Ray Train workers: top-1 per block position on held-out cached records, and tau from decoding a
+    held-out prompt with the falcon_core engine; the card keeps both per epoch."""
+    # 4 steps per epoch; max_steps 5 ends epoch 1 early, which validates too
+    opts = {"train.max_steps": 5, "eval.tau_prompts": 1, "eval.tau_max_new_tokens": 8,
+            "eval.tau_each_epoch": True}  # fmt: skip
+    done = run_distill([*small_config(small_cache, tmp_path, "validated", **opts), "--no-csgd"])
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    card = json.loads((tmp_path / "drafters" / "validated" / "config.json").read_text())["card"]
+    assert card["training"]["objective"] == "eagle"
+    assert card["training"]["config"]["objective"]["csgd"] is False
+    glanced = dict(re.findall(r"\[train\] step (\d)/5 .* glanced ([0-9.]+) ", log))  # a line may come twice
+    assert sorted(glanced) == ["1", "2", "3", "4", "5"]
+    assert {float(g) for g in glanced.values()} == {0.0}  # no glancing without CSGD
+    history = card["training"]["history"]
+    assert [(h["epoch"], h["step"]) for h in history] == [(0, 4), (1, 5)]
+    for h in history:
+        assert len(h["heldout_top1"]) == 2 and all(0.0 <= x <= 1.0 for x in h["heldout_top1"])
+        assert h["tau"] >= 1.0 and len(h["acceptance_per_depth"]) >= 2
+    assert set(re.findall(r"\[train\] epoch (\d) validation: .*'tau'", log)) == {"0", "1"}
+    assert card["tau"] >= 1.0 and card["tau_setup"]["n"] == 1
