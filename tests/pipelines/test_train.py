@@ -245,6 +245,44 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+def test_a_step_is_adamw_with_warmup_under_bf16_autocast_with_gradients_clipped_by_value(
+    small_cache, smollm2_path, smollm2_tokenizer, tmp_path
+):
+    """One worker's optimizer steps (no Ray needed for a single rank): AdamW with the configured betas,
+    the lr warming up linearly, the drafter's forward under bf16 autocast, every gradient element
+    clipped to `train.grad_clip`."""
+    from falcon_core.checkpoint import TargetIdentity
+    from falcon_core.target import TargetConfig
+    from pipelines.config import parse_config
+    from pipelines.train import TrainJob, Worker
+
+    opts = {"ray.num_workers": 1, "train.warmup_steps": 4, "train.grad_clip": 1e-4}
+    cfg = parse_config(small_config(small_cache, tmp_path, "steps", **opts))
+    identity = TargetIdentity.of(cfg.target.model, TargetConfig.from_file(smollm2_path), smollm2_tokenizer)
+    job = TrainJob(cfg.to_dict(), str(smollm2_path), small_cache, dataclasses.asdict(identity))
+    worker = Worker(job, rank=0, world=1)
+    assert isinstance(worker.optimizer, torch.optim.AdamW)
+    assert worker.optimizer.defaults["betas"] == (0.9, 0.95)
+    forwards: list[tuple[bool, torch.dtype]] = []
+    worker.drafter.register_forward_hook(
+        lambda module, args, out: forwards.append((torch.is_autocast_enabled("cpu"), out.dtype))
+    )
+    lrs = []
+    for _ in range(3):
+        before = [p.detach().clone() for p in worker.drafter.parameters()]
+        out = worker.train_step(worker.records[:2], epoch=0)
+        worker.step += 1
+        lrs.append(worker._lr())
+        grads = [p.grad for p in worker.drafter.parameters() if p.grad is not None]
+        assert grads and max(float(g.abs().max()) for g in grads) <= 1e-4
+        assert torch.isfinite(out.loss) and any(
+            not torch.equal(a, b) for a, b in zip(before, worker.drafter.parameters(), strict=True)
+        )
+    assert lrs == pytest.approx([0.5e-3, 0.75e-3, 1e-3])  # linear warmup over 4 steps to train.lr
+    assert forwards and all(enabled and dtype == torch.bfloat16 for enabled, dtype in forwards)
+
+
+@pytest.mark.slow
 def test_killed_after_a_checkpoint_then_resumed_equals_uninterrupted(small_cache, tmp_path):
     # 18 training records / 2 workers / batch 2 = 4 steps per epoch, 8 in all; checkpoints every 2
     common = {"train.checkpoint_every": 2}
