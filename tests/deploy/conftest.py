@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import random
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,17 +18,30 @@ from typing import Any
 
 import pytest
 
+PORT_RANGE = (20000, 32768)
+"""Ports for the test servers: below Linux's ephemeral range (32768-60999), where Ray's own processes and
+every client socket take their ports, and above Ray's worker ports (10002-19999). A port the kernel hands
+out as ephemeral (bind to 0) can be taken by a Ray process starting between the pick and Serve's bind."""
+
+
+def pick_free_port() -> int:
+    """A TCP port in `PORT_RANGE` free on 127.0.0.1 now."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} after 200 tries")
+
 
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
-    """`free_port() -> int`: a TCP port free on 127.0.0.1 now."""
-
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    return pick
+    """`free_port() -> int`: a TCP port free on 127.0.0.1 now (see `PORT_RANGE`)."""
+    return pick_free_port
 
 
 @contextlib.contextmanager

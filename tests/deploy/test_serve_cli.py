@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,9 @@ import pytest
 import yaml
 
 from deploy.config import PROJECT_ROOT
+from tests.deploy.conftest import pick_free_port
 
 pytestmark = pytest.mark.slow  # a Ray cluster and a model replica in a subprocess (~40 s)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
@@ -42,7 +36,7 @@ def test_falcon_serve_runs_the_shipped_config(tmp_path: Path) -> None:
     from openai import OpenAI
 
     raw = yaml.safe_load((PROJECT_ROOT / "deploy" / "serve_config.yaml").read_text())
-    port = _free_port()
+    port = pick_free_port()
     raw["http_options"]["port"] = port
     config = tmp_path / "serve_config.yaml"
     config.write_text(yaml.safe_dump(raw))
