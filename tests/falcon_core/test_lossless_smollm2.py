@@ -1,16 +1,17 @@
-"""Lossless on the real SmolLM2-135M-Instruct: speculative greedy == plain greedy in fp32 over 12
-MT-Bench prompts x 128 new tokens; in bf16 every divergence is a near-tie (falcon_core/lossless.py)."""
+"""Lossless on the real SmolLM2-135M-Instruct: speculative greedy == plain greedy in fp32 over 20
+MT-Bench prompts x 128 new tokens (the committed trained k = 2 drafter with its fitted tree); in bf16
+every divergence is a near-tie (falcon_core/lossless.py)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from falcon_core.chat import prompt_ids
 from falcon_core.checkpoint import load_drafter
 from falcon_core.data import read_mtbench
-from falcon_core.drafter import Drafter, DrafterConfig
 from falcon_core.generate import Engine, select_tree
 from falcon_core.generate_cli import default_drafter
 from falcon_core.lossless import check_against_plain
@@ -18,12 +19,12 @@ from falcon_core.metrics import GenerationStats
 from falcon_core.resolve import DEFAULT_MODEL
 from falcon_core.sampling import SamplingParams
 from falcon_core.target import load_target
-from falcon_core.tree import get_tree
 
 MAX_NEW = 128
-FP32_PROMPTS = 12
-"""fp32 decoding is slow here (~13 s per 128 tokens): 12 prompts keep the suite within its budget; the
-benchmark (`falcon bench`) checks every MT-Bench and GSM8K prompt it runs against plain greedy too."""
+FP32_PROMPTS = 20
+"""Issue 3 asks for at least 20 MT-Bench prompts x 128 new tokens in fp32. fp32 decoding is slow on
+this CPU (one plain and one speculative pass per prompt, ~25 s uncontended), so this is the slowest
+test of the suite; it is marked slow and still runs in CI (`pytest -q` runs slow tests)."""
 
 
 def greedy(engine: Engine, ids: list[int], speculative: bool) -> tuple[list[int], GenerationStats]:
@@ -37,35 +38,40 @@ def greedy(engine: Engine, ids: list[int], speculative: bool) -> tuple[list[int]
 
 
 def make_engine(path, dtype: str) -> Engine:
-    """The committed default drafter when there is one, else a random k = 2 drafter."""
+    """The committed trained default drafter (k = 2) with the tree fitted to it (`--tree auto`)."""
     target = load_target(path, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path)
     trained = default_drafter(DEFAULT_MODEL)
-    if trained is not None:
-        ckpt = load_drafter(trained, dtype=dtype)
-        return Engine(target, tok, ckpt.drafter.eval(), select_tree("auto", ckpt.card))
-    torch.manual_seed(0)
-    drafter = Drafter(DrafterConfig.from_target(target.config, block_size=2)).to(target.embed.weight.dtype)
-    return Engine(target, tok, drafter.eval(), get_tree("chain-4"))
+    assert trained is not None, "the trained default drafter (models/) is committed and must be here"
+    ckpt = load_drafter(trained, dtype=dtype)
+    tree = select_tree("auto", ckpt.card)
+    assert ckpt.card.get("acceptance") and tree.name == "auto", "the card holds the fitted tree's statistics"
+    return Engine(target, tok, ckpt.drafter.eval(), tree)
 
 
 @pytest.fixture(scope="module")
 def prompts(smollm2_tokenizer) -> list[list[int]]:
-    qs = read_mtbench()[:20]
+    qs = read_mtbench()[:FP32_PROMPTS]
+    assert len(qs) == FP32_PROMPTS
     return [prompt_ids(smollm2_tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in qs]
 
 
 @pytest.mark.slow
 def test_fp32_speculative_equals_plain_on_mtbench(smollm2_path, prompts):
     engine = make_engine(smollm2_path, "fp32")
-    taus = []
-    for ids in prompts[:FP32_PROMPTS]:
+    assert engine.drafter.config.block_size == 2
+    taus, start = [], time.perf_counter()
+    for i, ids in enumerate(prompts):
         plain, _ = greedy(engine, ids, speculative=False)
         spec, stats = greedy(engine, ids, speculative=True)
-        assert spec == plain
+        assert len(plain) == MAX_NEW
+        assert spec == plain, f"MT-Bench prompt {i}: speculative greedy differs from plain greedy"
         assert stats.speculative_steps > 0
         taus.append(stats.tau)
-    print(f"tau per prompt: {[round(t, 2) for t in taus]}")
+    seconds = time.perf_counter() - start
+    print(
+        f"fp32 {len(prompts)} prompts x {MAX_NEW} tokens in {seconds:.0f} s; tau {[round(t, 2) for t in taus]}"
+    )
 
 
 @pytest.mark.slow
