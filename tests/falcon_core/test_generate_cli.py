@@ -140,7 +140,7 @@ def test_errors_are_messages_with_exit_code_2(capsys, model, drafter, tmp_path):
         (("--drafter", "none", "--prompt", "Hi", "--temperature", "-1"), "temperature"),
         (("--drafter", "none", "--prompt", "", "--raw"), "empty"),
         (("--drafter", "none", "--prompt", "x " * 600, "--raw"), "context limit"),
-        (("--drafter", str(tmp_path / "missing"), "--prompt", "Hi"), "missing"),
+        (("--drafter", str(tmp_path / "missing"), "--prompt", "Hi"), "does not exist"),
     ]
     for args, message in cases:
         code, _, err = run(capsys, *base, *args)

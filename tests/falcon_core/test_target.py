@@ -134,7 +134,7 @@ def root_to_leaf_paths(parents):
     return paths
 
 
-@pytest.mark.parametrize("family", ["llama-tied-gqa", "qwen2-qkv-bias", "llama3-rope"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
 def test_tree_step_equals_each_branch_in_transformers(tmp_path, family):
     hf, ours = make_pair(tmp_path, family)
@@ -286,14 +286,31 @@ def test_sliding_window_is_enforced(tmp_path):
 @pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_135m_logits_equal_transformers():
-    """The real SmolLM2-135M-Instruct in fp32: our logits vs transformers' on a 200-token prompt."""
+    """The real SmolLM2-135M-Instruct in fp32: our logits vs transformers' on a 200-token prompt, and on
+    a tree step after it (the engine's own `TreeBuffers`: mask, positions, root-to-leaf paths) against
+    each branch run alone by transformers."""
     from transformers import AutoModelForCausalLM
 
     from falcon_core.resolve import resolve_model
+    from falcon_core.tree import Tree, TreeBuffers
 
     folder = resolve_model("smollm2-135m-instruct")
     ours = load_target(folder, dtype="fp32")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.randint(0, ours.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
-    diff = (ours(ids, torch.arange(200)[None]).logits - hf(ids).logits).abs().max().item()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 200), generator=g)
+    cache = ours.new_cache(256)
+    diff = (ours(ids, torch.arange(200)[None], cache, 0).logits - hf(ids).logits).abs().max().item()
     assert diff <= TOL, diff
+    cache.commit(torch.arange(200), 0)
+    b = TreeBuffers.from_tree(
+        Tree.from_spec("t", {1: "root:0-2", 2: "0:0-1 1:0", 3: "00:0-1 10:0", 4: "000:0"})
+    )
+    tree_tokens = torch.randint(0, ours.config.vocab_size, (b.num_nodes + 1,), generator=g)  # [root] + nodes
+    out = ours(tree_tokens[None], (200 + b.position_offsets)[None], cache, 200, with_prefix(b.mask, 200))
+    assert b.paths.shape[0] == 5  # leaves (rank paths): 2, 01, 001, 100, 0000
+    for path in b.paths:
+        path = path[path >= 0]
+        ref = hf(torch.cat((ids[0], tree_tokens[path]))[None]).logits[0, 200:]  # (len(path), V)
+        diff = (out.logits[0, path] - ref).abs().max().item()
+        assert diff <= TOL, (path.tolist(), diff)
