@@ -155,6 +155,9 @@ class CacheSummary:
     """Wall time of the whole call."""
     shard_seconds: float
     """Wall time of the shard phase (target forward, writes), where tokens_written were made."""
+    work_seconds: float = 0.0
+    """Summed over the shards written, the actor time each took (gather its records, forward, serialize,
+    sha256, write): the steady-state cost, without Ray start, actor start and model load."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -207,7 +210,9 @@ def cache_hidden_states(config: CacheConfig) -> CacheSummary:
             f"{len(reused)} already cached, {len(todo)} to write"
         )
         shard_start = time.perf_counter()
-        written = _write_shards(config, folder, todo, pieces, blocks, manifest, log) if todo else []
+        written, work_seconds = (
+            _write_shards(config, folder, todo, pieces, blocks, manifest, log) if todo else ([], 0.0)
+        )
         shard_seconds = time.perf_counter() - shard_start
         remove_stale_temps(config.output, config.storage_options)  # left by writers killed and retried
     finally:
@@ -241,6 +246,7 @@ def cache_hidden_states(config: CacheConfig) -> CacheSummary:
         bytes_written=sum(e.bytes for e in written),
         seconds=time.perf_counter() - start,
         shard_seconds=shard_seconds,
+        work_seconds=work_seconds,
     )
     log(result.format())
     return result
@@ -439,8 +445,11 @@ def _write_shards(
     blocks: list[Any],
     manifest: Manifest,
     log: Callable[[str], None],
-) -> list[ShardEntry]:
-    """Run the target actor pool over the shards in `todo`; save the manifest after each shard."""
+) -> tuple[list[ShardEntry], float]:
+    """Run the target actor pool over the shards in `todo`; save the manifest after each shard.
+
+    Returns the written shards' entries and the actor seconds they took in all (`CacheSummary.work_seconds`).
+    """
     import ray
 
     from pipelines.stages import ShardSettings, ShardStage
@@ -471,7 +480,7 @@ def _write_shards(
     planned = {s.index: s for s in todo}
     progress = _Progress(len(todo), sum(s.records for s in todo), sum(s.tokens for s in todo), log)
     entries = {e.path: e for e in manifest.shards}
-    written = []
+    written, work_seconds = [], 0.0
     for row in out.iter_rows():
         p = planned[int(row["shard"])]
         entry = ShardEntry(
@@ -489,7 +498,8 @@ def _write_shards(
         manifest = dataclasses.replace(manifest, shards=tuple(entries[k] for k in sorted(entries)))
         manifest.save(config.output, config.storage_options)
         progress.update(entry.records, entry.tokens, int(row["generated_tokens"]))
-    return written
+        work_seconds += float(row["seconds"])
+    return written, work_seconds
 
 
 @dataclass(frozen=True)
