@@ -22,9 +22,9 @@ from falcon_core.target import load_target
 
 MAX_NEW = 128
 FP32_PROMPTS = 20
-"""Issue 3 asks for at least 20 MT-Bench prompts x 128 new tokens in fp32. fp32 decoding is slow on
-this CPU (one plain and one speculative pass per prompt, ~25 s uncontended), so this is the slowest
-test of the suite; it is marked slow and still runs in CI (`pytest -q` runs slow tests)."""
+"""Issue 3 asks for at least 20 MT-Bench prompts x 128 new tokens in fp32. One plain and one speculative
+pass per prompt (the plain pass is the reference; nothing cheaper is equivalent): the slowest test of
+the suite (1821 s wall at load average 5-15 on the 2 shared cores). Marked slow; CI still runs it."""
 
 
 def greedy(engine: Engine, ids: list[int], speculative: bool) -> tuple[list[int], GenerationStats]:
