@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from falcon_core.checkpoint import WEIGHTS_FILE, load_drafter, read_drafter_config, save_drafter
+from falcon_core.checkpoint import load_drafter, read_drafter_config, save_drafter, stored_dtype
 from falcon_core.draft import DraftPlan, SARDrafter
 from falcon_core.drafter import Drafter
 from falcon_core.generate import Engine
@@ -280,23 +280,12 @@ def fit_tree(
 # Into the drafter's card
 
 
-def _stored_dtype(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
-    names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
-    if dtype not in names:
-        raise ValueError(f"{path / WEIGHTS_FILE} stores {dtype}; expected one of {list(names)}")
-    return names[dtype]
-
-
 def store_fit(drafter_dir: str | Path, fit: TreeFit, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the fit into the checkpoint's card (`acceptance`, `tree_budget`, `tree_fit`); weights are
     re-saved unchanged in their stored dtype. Returns the new card."""
     path = Path(drafter_dir)
     _, _, card = read_drafter_config(path)
-    ckpt = load_drafter(path, dtype=_stored_dtype(path))
+    ckpt = load_drafter(path, dtype=stored_dtype(path))
     new = dict(card or {})
     old = new.get("acceptance")
     summary: dict[str, Any] = {
@@ -310,6 +299,8 @@ def store_fit(drafter_dir: str | Path, fit: TreeFit, extra: dict[str, Any] | Non
     }
     if old is not None and old != fit.acceptance:
         summary["replaced_acceptance"] = old
+    elif "replaced_acceptance" in (new.get("tree_fit") or {}):  # refit on the same table: keep its history
+        summary["replaced_acceptance"] = new["tree_fit"]["replaced_acceptance"]
     new.update(acceptance=fit.acceptance, tree_budget=fit.best.budget, tree_fit=summary)
     save_drafter(path, ckpt.drafter, ckpt.config, ckpt.identity, new)
     return new

@@ -188,6 +188,21 @@ def read_drafter_config(path: str | Path) -> tuple[DrafterConfig, TargetIdentity
     return config, identity, meta.get("card")
 
 
+def stored_dtype(path: str | Path) -> str:
+    """The dtype name (fp32 / bf16 / fp16) of a checkpoint folder's floating tensors, so a rewrite (a new
+    card, a draft vocabulary) keeps it; integer tensors such as `draft_vocab` are skipped."""
+    names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+    weights = Path(path) / WEIGHTS_FILE
+    with safe_open(str(weights), framework="pt") as f:
+        found = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (not iterable)
+    floating = found & set(names)
+    if len(floating) != 1:
+        raise ValueError(
+            f"{weights} stores floating dtypes {sorted(floating)}; expected one of {list(names)}"
+        )
+    return names[floating.pop()]
+
+
 def check_drafter_files(path: str | Path) -> None:
     """Fail fast, without building the drafter, when folder `path` is not a readable checkpoint: a missing
     or invalid `config.json`, a missing `model.safetensors`, or one whose header is damaged or does not

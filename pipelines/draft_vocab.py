@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from falcon_core.checkpoint import WEIGHTS_FILE, load_drafter, save_drafter
+from falcon_core.checkpoint import load_drafter, save_drafter, stored_dtype
 from falcon_core.drafter import Drafter
 from falcon_core.resolve import DEFAULT_MODEL, resolve_model
 from falcon_core.target import TargetConfig
@@ -71,16 +70,6 @@ def with_draft_vocab(drafter: Drafter, ids: torch.Tensor) -> Drafter:
         raise ValueError(f"unexpected drafter tensors missing: {missing}")
     out.set_draft_vocab(ids)
     return out
-
-
-def stored_dtype(folder: str | Path) -> str:
-    """The dtype name (fp32 / bf16 / fp16) of a checkpoint's floating tensors, so a rewrite keeps it."""
-    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            t = f.get_slice(key).get_dtype()
-            if t in ("F32", "BF16", "F16"):
-                return {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}[t]
-    return "fp32"
 
 
 def main(argv: list[str] | None = None) -> int:

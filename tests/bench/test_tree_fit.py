@@ -155,6 +155,8 @@ def test_stored_fit_is_what_auto_builds(tiny_folder, make_drafter, tmp_path, dty
     assert engine.tree.parents == want.parents and engine.tree.ranks == want.ranks
     refit = fit_tree([[0.9], [0.8]], lambda t: 0.02, lambda t: 0.0, [1, 2])
     assert store_fit(path, refit)["tree_fit"]["replaced_acceptance"] == fit.acceptance
+    again = fit_tree([[0.9], [0.8]], lambda t: 0.03, lambda t: 0.0, [1, 2])  # same table, new costs
+    assert store_fit(path, again)["tree_fit"]["replaced_acceptance"] == fit.acceptance  # history kept
 
 
 def test_tree_fit_command(tiny_folder, make_drafter, tmp_path, capsys):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from falcon_core.checkpoint import TargetIdentity, load_drafter, save_drafter
+from falcon_core.checkpoint import TargetIdentity, load_drafter, save_drafter, stored_dtype
 from falcon_core.drafter import Drafter, DrafterConfig
 from falcon_core.target import TargetConfig
 from pipelines import draft_vocab
@@ -51,7 +51,7 @@ def test_adds_the_most_frequent_training_answer_tokens(cache, bf16_drafter, tmp_
     assert after.card["steps"] == 7 and after.card["draft_vocab"]["training_records"] == RECORDS - HELDOUT
     meta = json.loads((out / "config.json").read_text())
     assert meta["drafter"]["draft_vocab_size"] == SIZE
-    assert draft_vocab.stored_dtype(out) == "bf16"
+    assert stored_dtype(out) == "bf16"
 
     # Independent count over the training records (the held-out ones excluded): every id in the
     # vocabulary is at least as frequent as every id outside it, and EOS is in.
