@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from falcon_core.drafter import check_draft_vocab
 from pipelines.config import ObjectiveSection
 from pipelines.hidden_cache import CachedRecord
 
@@ -116,13 +117,9 @@ class TokenHead:
         """Rows `ids` of `lm_head_weight (V, H)`; None keeps the full vocabulary."""
         V = lm_head_weight.shape[0]
         ids = torch.arange(V) if ids is None else ids.long().cpu()  # (V',)
-        if (
-            ids.numel() == 0
-            or int(ids.min()) < 0
-            or int(ids.max()) >= V
-            or ids.unique().numel() != ids.numel()
-        ):
-            raise ValueError(f"vocabulary subset must be distinct ids in [0, {V}), got {ids.numel()} ids")
+        if ids.numel() == 0:
+            raise ValueError("vocabulary subset must hold at least one id")
+        check_draft_vocab(ids, ids.numel(), V)
         index_of = torch.full((V,), -1, dtype=torch.long)  # (V,)
         index_of[ids] = torch.arange(ids.numel())
         weight = lm_head_weight.detach()[ids.to(lm_head_weight.device)]  # (V', H)
@@ -153,6 +150,13 @@ def frequent_tokens(counts: torch.Tensor, n: int, always: Sequence[int] = ()) ->
     counts[must] = counts.max() + 1
     order = torch.sort(-counts, stable=True).indices  # (V,) most frequent first
     return order[: min(n, counts.numel())].sort().values  # (n,)
+
+
+def training_vocabulary(counts: torch.Tensor, n: int, eos_ids: Sequence[int]) -> torch.Tensor:
+    """The vocabulary `objective.vocab_subset = n` trains over (and the drafter then drafts from): the n
+    most frequent of `counts (V,)`, the target's EOS ids (those inside the vocabulary) always in; sorted."""
+    V = counts.numel()
+    return frequent_tokens(counts, n, always=[i for i in eos_ids if 0 <= i < V])
 
 
 # ---------------------------------------------------------------------------------------------------

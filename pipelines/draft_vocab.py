@@ -27,7 +27,7 @@ from falcon_core.checkpoint import load_drafter, save_drafter, stored_dtype
 from falcon_core.drafter import Drafter
 from falcon_core.resolve import DEFAULT_MODEL, resolve_model
 from falcon_core.target import TargetConfig
-from pipelines.csgd import frequent_tokens, token_counts
+from pipelines.csgd import token_counts, training_vocabulary
 from pipelines.hidden_cache import HiddenCacheReader
 from pipelines.train import RecordSplit, read_records
 
@@ -47,7 +47,7 @@ def cache_vocabulary(
     records = read_records(reader, split.ranges[0], max_len)
     V = reader_target.vocab_size
     counts = token_counts(records, V)  # (V,)
-    ids = frequent_tokens(counts, size, always=[i for i in eos_ids if 0 <= i < V])  # (size,)
+    ids = training_vocabulary(counts, size, eos_ids)  # (size,)
     seen = int(counts.sum())
     covered = int(counts[ids].sum())
     return ids, {

@@ -42,7 +42,7 @@ from falcon_core.checkpoint import TargetIdentity, save_drafter
 from falcon_core.drafter import Drafter, DrafterConfig
 from falcon_core.target import TargetConfig, load_target
 from pipelines.config import DistillConfig
-from pipelines.csgd import Batch, TokenHead, csgd_loss, frequent_tokens, glance_lambda, token_counts
+from pipelines.csgd import Batch, TokenHead, csgd_loss, glance_lambda, token_counts, training_vocabulary
 from pipelines.hidden_cache import CachedRecord, HiddenCacheReader
 
 STATE_FILE = "train_state.pt"
@@ -273,8 +273,7 @@ class Worker:
         counts = token_counts(self.records, V)  # (V,)
         if self.world > 1:
             dist.all_reduce(counts)
-        eos = [i for i in self.target_config.eos_token_ids if 0 <= i < V]
-        return TokenHead.build(lm_head, frequent_tokens(counts, n, always=eos))
+        return TokenHead.build(lm_head, training_vocabulary(counts, n, self.target_config.eos_token_ids))
 
     def _deepspeed(self) -> Any:
         import deepspeed

@@ -15,10 +15,9 @@ from safetensors.torch import load_file, save_file
 from falcon_core.checkpoint import TargetIdentity, load_drafter, save_drafter
 from falcon_core.draft import DraftPlan, SARDrafter
 from falcon_core.drafter import Drafter, DrafterConfig
-from falcon_core.generate import Engine
 from falcon_core.sampling import SamplingParams
 from falcon_core.tree import get_tree
-from tests.falcon_core.test_generate import decode, make_tree, tiny_target
+from tests.falcon_core.test_generate import make_tree, speculative_equals_plain, tiny_target
 from tests.falcon_core.test_generate_sampling import V, chi_square_p, draw, exact_joint, world  # noqa: F401
 
 SUBSET = 64
@@ -45,13 +44,8 @@ def subset_drafter(target, k: int, n: int = SUBSET, seed: int = 0) -> Drafter:
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("tree", ["chain-4", "kmask2_8layer_tree", "fitted"])
 def test_greedy_with_a_draft_vocabulary_equals_plain_greedy(target, prompts, k, tree):
-    engine = Engine(target, None, subset_drafter(target, k, seed=k), make_tree(tree))
-    plain = Engine(target, None)
-    for ids in prompts:
-        want, _ = decode(plain, ids, 32)
-        got, stats = decode(engine, ids, 32)
-        assert got == want
-        assert stats.speculative_steps > 0
+    runs = speculative_equals_plain(target, subset_drafter(target, k, seed=k), make_tree(tree), prompts, 32)
+    assert all(stats.speculative_steps > 0 for stats in runs)
 
 
 class RestrictedFullHead(SARDrafter):

@@ -95,6 +95,21 @@ def decode(engine: Engine, ids: list[int], max_new: int, speculative: bool = Tru
     return out[:max_new], stats
 
 
+def speculative_equals_plain(
+    target: TargetModel, drafter: Drafter, tree: Tree, prompts: list[list[int]], max_new: int
+) -> list[GenerationStats]:
+    """Decode each prompt plainly and with `drafter` over `tree`, assert the outputs are equal, and
+    return the speculative runs' stats (one per prompt)."""
+    engine, plain = Engine(target, None, drafter, tree), Engine(target, None)
+    out = []
+    for ids in prompts:
+        want, _ = decode(plain, ids, max_new)
+        got, stats = decode(engine, ids, max_new)
+        assert got == want
+        out.append(stats)
+    return out
+
+
 @pytest.fixture(scope="module")
 def target(tmp_path_factory) -> TargetModel:
     return tiny_target(tmp_path_factory.mktemp("tiny"))
@@ -141,12 +156,8 @@ def test_always_wrong_drafter_is_lossless_with_tau_one(target, prompts, k, tree)
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("tree", TREES)
 def test_random_drafter_is_lossless(target, prompts, k, tree):
-    engine = Engine(target, None, drafter_for(target, k, seed=k), make_tree(tree))
-    plain = Engine(target, None)
-    for ids in prompts:
-        want, _ = decode(plain, ids, 40)
-        got, stats = decode(engine, ids, 40)
-        assert got == want
+    runs = speculative_equals_plain(target, drafter_for(target, k, seed=k), make_tree(tree), prompts, 40)
+    for ids, stats in zip(prompts, runs, strict=True):
         if len(ids) >= k:
             assert stats.speculative_steps > 0
 

@@ -18,7 +18,14 @@ from falcon_core.generate import Engine
 from falcon_core.target import TargetModel
 from pipelines.config import ObjectiveSection
 from pipelines.csgd import Batch, TokenHead, csgd_loss
-from tests.falcon_core.test_generate import TREES, decode, drafter_for, make_tree, tiny_target
+from tests.falcon_core.test_generate import (
+    TREES,
+    decode,
+    drafter_for,
+    make_tree,
+    speculative_equals_plain,
+    tiny_target,
+)
 
 STEPS = 150
 PROMPT_LEN, NEW = 6, 58
@@ -81,13 +88,8 @@ def prompts(data) -> list[list[int]]:
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("tree", TREES)
 def test_trained_drafter_is_lossless(target, trained, prompts, k, tree):
-    engine = Engine(target, None, trained[k], make_tree(tree))
-    plain = Engine(target, None)
-    for ids in prompts:
-        want, _ = decode(plain, ids, 40)
-        got, stats = decode(engine, ids, 40)
-        assert got == want
-        assert stats.speculative_steps > 0
+    runs = speculative_equals_plain(target, trained[k], make_tree(tree), prompts, 40)
+    assert all(stats.speculative_steps > 0 for stats in runs)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
